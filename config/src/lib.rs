@@ -1,0 +1,175 @@
+//! Attune's configuration: the TOML file format, its defaults, and where things live on disk.
+//!
+//! Layering (command line > environment > file > defaults) is done by the binary; this crate
+//! only knows the file format and the defaults, so every other crate can depend on it.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Model id that names the built-in default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
+pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttuneConfig {
+    /// Where fetched models are cached. Default: `$XDG_CACHE_HOME/attune/models`
+    /// (or `~/.cache/attune/models`).
+    pub cache_dir: Option<PathBuf>,
+    /// Compute threads; 0 = all cores.
+    pub threads: usize,
+    pub server: ServerConfig,
+    /// Models to serve; the first is the default for requests that name none.
+    pub models: Vec<ModelEntry>,
+}
+
+impl Default for AttuneConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            threads: 0,
+            server: ServerConfig::default(),
+            models: vec![ModelEntry::default()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+        }
+    }
+}
+
+/// One servable model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelEntry {
+    /// The name clients use in the `model` field.
+    pub id: String,
+    /// Where the weights are: the built-in default id, a GGUF file, an HF-style directory, or an
+    /// HF hub id (`ORG/NAME`) found offline in the Hugging Face cache. Defaults to `id`.
+    pub source: Option<String>,
+}
+
+impl Default for ModelEntry {
+    fn default() -> Self {
+        Self {
+            id: DEFAULT_MODEL_ID.into(),
+            source: None,
+        }
+    }
+}
+
+impl ModelEntry {
+    pub fn source(&self) -> &str {
+        self.source.as_deref().unwrap_or(&self.id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl AttuneConfig {
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.models.is_empty() {
+            return Err(ConfigError::Invalid(
+                "`models` must list at least one model".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for model in &self.models {
+            if model.id.trim().is_empty() {
+                return Err(ConfigError::Invalid("a model has an empty `id`".into()));
+            }
+            if !seen.insert(model.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "model id `{}` is configured twice",
+                    model.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The model cache directory, resolved against XDG defaults.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+}
+
+/// `$XDG_CACHE_HOME/attune/models`, falling back to `~/.cache/attune/models`.
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("attune").join("models")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_file_matches_builtin_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("attune.toml");
+        let config = AttuneConfig::load(&path).unwrap();
+        assert_eq!(config, AttuneConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_key_named() {
+        let err = AttuneConfig::from_toml_str("[server]\nprot = 1\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_model_ids_are_rejected() {
+        let text = "[[models]]\nid = \"a\"\n[[models]]\nid = \"a\"\n";
+        let err = AttuneConfig::from_toml_str(text, Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("twice"));
+    }
+}

@@ -1,0 +1,466 @@
+//! Our Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) with explicit attention and
+//! hook points, running a batch of sequences of different lengths in one pass.
+//!
+//! Batching is packed, not padded: the rows of every sequence in the step are stacked into
+//! one (total_rows, hidden) matrix, so each projection and MLP weight is read once per step for
+//! the whole batch; attention runs per sequence against that sequence's own KV cache, so no
+//! padding masks are needed and each sequence's hooks see only its own rows.
+
+use crate::arch::DecoderConfig;
+use crate::hooks::{AttentionSite, HookPoint, RowSite, SequenceHooks};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::rope::{Rope, RopeTables};
+use candle_core::{DType, Device, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// The weights and hyperparameters of one decoder.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    rope: Rope,
+    /// (vocab, hidden), in the compute dtype, for lookups.
+    embed: Tensor,
+    layers: Vec<LayerWeights>,
+    final_norm: Tensor,
+    lm_head: Linear,
+    device: Device,
+}
+
+/// What one sequence feeds into a step.
+#[derive(Debug, Clone)]
+pub enum DecoderInput {
+    Tokens(Vec<u32>),
+    /// Precomputed input embeddings, (len, hidden): e.g. text merged with image features.
+    Embeddings(Tensor),
+}
+
+impl DecoderInput {
+    pub fn len(&self) -> Result<usize> {
+        match self {
+            Self::Tokens(t) => Ok(t.len()),
+            Self::Embeddings(e) => e.dim(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// Which positions of a step need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's part in a batched step.
+pub struct SequenceStep<'a> {
+    pub input: DecoderInput,
+    pub cache: &'a mut KvCache,
+    pub hooks: Option<&'a mut dyn SequenceHooks>,
+    pub logits: LogitsFor,
+}
+
+impl<'a> SequenceStep<'a> {
+    pub fn new(input: DecoderInput, cache: &'a mut KvCache) -> Self {
+        Self {
+            input,
+            cache,
+            hooks: None,
+            logits: LogitsFor::Last,
+        }
+    }
+
+    pub fn with_hooks(mut self, hooks: &'a mut dyn SequenceHooks) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    pub fn with_logits(mut self, logits: LogitsFor) -> Self {
+        self.logits = logits;
+        self
+    }
+
+    fn hooks_for(&mut self, point: HookPoint, layer: usize) -> Option<&mut dyn SequenceHooks> {
+        match self.hooks.as_deref_mut() {
+            Some(h) if h.wants(point, layer) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// Rows of one sequence inside the packed step.
+struct Span {
+    row: usize,
+    len: usize,
+    /// Absolute position of the first row.
+    start: usize,
+    rope: RopeTables,
+}
+
+impl Decoder {
+    pub fn new(
+        cfg: DecoderConfig,
+        rope: Rope,
+        embed: Tensor,
+        layers: Vec<LayerWeights>,
+        final_norm: Tensor,
+        lm_head: Linear,
+    ) -> Self {
+        let device = embed.device().clone();
+        Self {
+            cfg,
+            rope,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            device,
+        }
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn layers(&self) -> &[LayerWeights] {
+        &self.layers
+    }
+
+    pub fn embedding_table(&self) -> &Tensor {
+        &self.embed
+    }
+
+    pub fn final_norm(&self) -> &Tensor {
+        &self.final_norm
+    }
+
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// A fresh, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.cfg, self.dtype(), &self.device)
+    }
+
+    /// Token embeddings, (len, hidden).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        self.embed.index_select(&ids, 0)
+    }
+
+    /// Logits from any hidden state (rows, hidden): the residual stream of an intermediate
+    /// layer (DoLa reads it without the final norm) or the last layer's output (with it).
+    pub fn logits_from_hidden(&self, hidden: &Tensor, final_norm: bool) -> Result<Tensor> {
+        if final_norm {
+            self.lm_head
+                .forward(&self.rms_norm(hidden, &self.final_norm)?)
+        } else {
+            self.lm_head.forward(hidden)
+        }
+    }
+
+    /// One sequence, one step: returns the last position's logits, (vocab,).
+    pub fn forward_one<'a>(
+        &self,
+        tokens: &[u32],
+        cache: &'a mut KvCache,
+        hooks: Option<&'a mut dyn SequenceHooks>,
+    ) -> Result<Tensor> {
+        let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.to_vec()), cache);
+        step.hooks = hooks;
+        let mut out = self.forward(std::slice::from_mut(&mut step))?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| candle_core::Error::msg("no logits"))?
+            .squeeze(0)
+    }
+
+    /// Runs one step for every sequence in `batch` and appends its keys and values to its
+    /// cache. Returns, per sequence, logits (rows, vocab) for the positions it asked for.
+    pub fn forward(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let (mut hidden, spans) = self.embed_batch(batch)?;
+        hidden = self.row_hooks(hidden, &spans, batch, HookPoint::Residual, 0)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            hidden = self.layer_forward(index, layer, hidden, &spans, batch)?;
+        }
+        for (step, span) in batch.iter_mut().zip(&spans) {
+            step.cache.advance(span.len);
+        }
+        self.batch_logits(&hidden, &spans, batch)
+    }
+
+    fn embed_batch(&self, batch: &[SequenceStep<'_>]) -> Result<(Tensor, Vec<Span>)> {
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for step in batch {
+            let len = step.input.len()?;
+            if len == 0 {
+                candle_core::bail!("a sequence in the batch has no input");
+            }
+            let start = step.cache.len();
+            let rope = self.rope.tables(start, len, &self.device)?;
+            spans.push(Span {
+                row,
+                len,
+                start,
+                rope,
+            });
+            row += len;
+        }
+        let all_tokens: Option<Vec<u32>> = batch
+            .iter()
+            .map(|s| match &s.input {
+                DecoderInput::Tokens(t) => Some(t.clone()),
+                DecoderInput::Embeddings(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|parts| parts.concat());
+        let hidden = match all_tokens {
+            Some(tokens) => self.embed(&tokens)?,
+            None => {
+                let parts = batch
+                    .iter()
+                    .map(|s| match &s.input {
+                        DecoderInput::Tokens(t) => self.embed(t),
+                        DecoderInput::Embeddings(e) => e.to_dtype(self.dtype()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?
+            }
+        };
+        Ok((hidden, spans))
+    }
+
+    fn layer_forward(
+        &self,
+        index: usize,
+        layer: &LayerWeights,
+        hidden: Tensor,
+        spans: &[Span],
+        batch: &mut [SequenceStep<'_>],
+    ) -> Result<Tensor> {
+        let x = self.rms_norm(&hidden, &layer.attn_norm)?;
+        let q = layer.q.forward(&x)?;
+        let k = layer.k.forward(&x)?;
+        let v = layer.v.forward(&x)?;
+        let mut outputs = Vec::with_capacity(batch.len());
+        for (step, span) in batch.iter_mut().zip(spans) {
+            let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                t.narrow(0, span.row, span.len)?
+                    .reshape((span.len, heads, self.cfg.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let q = self
+                .rope
+                .apply(&rows(&q, self.cfg.num_heads)?, &span.rope)?;
+            let k = self
+                .rope
+                .apply(&rows(&k, self.cfg.num_kv_heads)?, &span.rope)?;
+            let v = rows(&v, self.cfg.num_kv_heads)?;
+            let (k_all, v_all) = step.cache.append(index, &k, &v)?;
+            outputs.push(self.attention(index, span.start, &q, &k_all, &v_all, step)?);
+        }
+        let attn = if outputs.len() == 1 {
+            outputs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        let hidden = (hidden + layer.o.forward(&attn)?)?;
+        let x = self.rms_norm(&hidden, &layer.ffn_norm)?;
+        let gated = (candle_nn::ops::silu(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?;
+        let mlp = layer.down.forward(&gated)?;
+        let mlp = self.row_hooks(mlp, spans, batch, HookPoint::MlpOutput, index)?;
+        let hidden = (hidden + mlp)?;
+        self.row_hooks(hidden, spans, batch, HookPoint::Residual, index + 1)
+    }
+
+    /// Attention for one sequence: `q` (heads, q_len, head_dim) against the cached `k`, `v`
+    /// (kv_heads, key_len, head_dim). Returns (q_len, heads * head_dim).
+    fn attention(
+        &self,
+        layer: usize,
+        query_start: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        step: &mut SequenceStep<'_>,
+    ) -> Result<Tensor> {
+        let (heads, q_len, head_dim) = q.dims3()?;
+        let kv_heads = self.cfg.num_kv_heads;
+        let key_len = k.dim(1)?;
+        let mut site = AttentionSite {
+            layer,
+            query_start,
+            query_len: q_len,
+            key_len,
+            selected_keys: None,
+        };
+        let selection = match step.hooks_for(HookPoint::KeySelection, layer) {
+            Some(hooks) if q_len == 1 => hooks.select_keys(&site)?,
+            _ => None,
+        };
+        let (k, v) = match &selection {
+            Some(idx) => {
+                // Gather from the contiguous buffers: only the selected rows are read.
+                let (k_buf, v_buf) = step.cache.buffers(layer).ok_or_else(|| {
+                    candle_core::Error::msg("key selection before any cache write")
+                })?;
+                let idx = idx
+                    .unsqueeze(2)?
+                    .expand((kv_heads, idx.dim(1)?, head_dim))?
+                    .contiguous()?;
+                (k_buf.gather(&idx, 1)?, v_buf.gather(&idx, 1)?)
+            }
+            None => (k.clone(), v.clone()),
+        };
+        site.selected_keys = selection.as_ref();
+        let attended = k.dim(1)?;
+
+        // Query heads of one KV group are adjacent, so grouping them as extra query rows lets
+        // each KV head serve its group without repeating K and V.
+        let groups = heads / kv_heads;
+        let q_grouped = q.reshape((kv_heads, groups * q_len, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut scores = (q_grouped.matmul(&k.t()?)? * scale)?.reshape((heads, q_len, attended))?;
+        if selection.is_none() {
+            if let Some(mask) = self.mask(query_start, q_len, key_len)? {
+                scores = scores.broadcast_add(&mask)?;
+            }
+        }
+        if let Some(hooks) = step.hooks_for(HookPoint::Scores, layer) {
+            scores = hooks.scores(&site, scores)?;
+        }
+        let mut probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        if let Some(hooks) = step.hooks_for(HookPoint::Probs, layer) {
+            probs = hooks.probs(&site, probs)?;
+        }
+        let mut out = probs
+            .reshape((kv_heads, groups * q_len, attended))?
+            .matmul(&v)?
+            .reshape((heads, q_len, head_dim))?;
+        if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, layer) {
+            out = hooks.head_outputs(&site, out)?;
+        }
+        out.transpose(0, 1)?.reshape((q_len, heads * head_dim))
+    }
+
+    /// Additive mask (q_len, key_len) for causality and Mistral's sliding window; `None` when
+    /// every query may see every key (a plain decode step).
+    fn mask(&self, query_start: usize, q_len: usize, key_len: usize) -> Result<Option<Tensor>> {
+        let window = self.cfg.sliding_window.filter(|&w| w < key_len);
+        if q_len == 1 && window.is_none() {
+            return Ok(None);
+        }
+        let mut mask = vec![0f32; q_len * key_len];
+        for i in 0..q_len {
+            let pos = query_start + i;
+            for (j, m) in mask[i * key_len..(i + 1) * key_len].iter_mut().enumerate() {
+                let outside_window = window.is_some_and(|w| pos >= j + w);
+                if j > pos || outside_window {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(mask, (q_len, key_len), &self.device)?
+            .to_dtype(self.dtype())
+            .map(Some)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, weight, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// Runs a row-wise hook on each sequence's rows of a packed (rows, hidden) tensor.
+    fn row_hooks(
+        &self,
+        packed: Tensor,
+        spans: &[Span],
+        batch: &mut [SequenceStep<'_>],
+        point: HookPoint,
+        layer: usize,
+    ) -> Result<Tensor> {
+        if !batch
+            .iter()
+            .any(|s| s.hooks.as_ref().is_some_and(|h| h.wants(point, layer)))
+        {
+            return Ok(packed);
+        }
+        let mut parts = Vec::with_capacity(batch.len());
+        for (step, span) in batch.iter_mut().zip(spans) {
+            let rows = packed.narrow(0, span.row, span.len)?;
+            let site = RowSite {
+                layer,
+                query_start: span.start,
+            };
+            parts.push(match step.hooks_for(point, layer) {
+                Some(hooks) if point == HookPoint::MlpOutput => hooks.mlp_output(&site, rows)?,
+                Some(hooks) => hooks.residual(&site, rows)?,
+                None => rows,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    fn batch_logits(
+        &self,
+        hidden: &Tensor,
+        spans: &[Span],
+        batch: &[SequenceStep<'_>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut rows = Vec::new();
+        for (step, span) in batch.iter().zip(spans) {
+            match step.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => rows.push((span.row + span.len - 1) as u32),
+                LogitsFor::All => rows.extend((span.row..span.row + span.len).map(|r| r as u32)),
+            }
+        }
+        if rows.is_empty() {
+            return Ok(vec![None; batch.len()]);
+        }
+        let picked = hidden.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let logits = self.logits_from_hidden(&picked, true)?;
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(batch.len());
+        for (step, span) in batch.iter().zip(spans) {
+            let n = match step.logits {
+                LogitsFor::None => 0,
+                LogitsFor::Last => 1,
+                LogitsFor::All => span.len,
+            };
+            out.push(if n == 0 {
+                None
+            } else {
+                Some(logits.narrow(0, offset, n)?)
+            });
+            offset += n;
+        }
+        Ok(out)
+    }
+}

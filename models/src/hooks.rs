@@ -1,0 +1,159 @@
+//! Hook points inside the decoder, installed per sequence.
+//!
+//! A hook set says which points it uses ([`SequenceHooks::wants`]); the decoder consults that
+//! before doing anything for a hook, so a sequence without hooks pays nothing. Every callback
+//! receives a tensor and returns the tensor to continue with: return the input unchanged to
+//! only read it.
+
+use candle_core::{Result, Tensor};
+
+/// Where in a forward pass a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookPoint {
+    /// Attention scores after scaling and masking, before softmax: (heads, q_len, k_len).
+    Scores,
+    /// Attention probabilities after softmax: (heads, q_len, k_len).
+    Probs,
+    /// Per-head attention outputs before `o_proj`: (heads, q_len, head_dim).
+    HeadOutputs,
+    /// A layer's MLP output before it is added to the residual stream: (q_len, hidden).
+    MlpOutput,
+    /// The residual stream after `layer` decoder layers (0 = the embeddings, N = the last
+    /// layer's output, before the final norm): (q_len, hidden).
+    Residual,
+    /// Which cached keys a single-query (decode) step attends to.
+    KeySelection,
+}
+
+/// What a hook is told about the attention call it is in.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSite<'a> {
+    pub layer: usize,
+    /// Absolute position of the first query row.
+    pub query_start: usize,
+    pub query_len: usize,
+    /// Number of cached keys (all positions so far, including this step's).
+    pub key_len: usize,
+    /// With a key selection: the attended key positions per KV head, (kv_heads, k) u32; the
+    /// last dimension of scores and probs then follows this order.
+    pub selected_keys: Option<&'a Tensor>,
+}
+
+/// Position information for row-wise hooks (MLP output, residual stream).
+#[derive(Debug, Clone, Copy)]
+pub struct RowSite {
+    pub layer: usize,
+    /// Absolute position of the first row.
+    pub query_start: usize,
+}
+
+/// Callbacks for one sequence. All callbacks default to passing their input through.
+pub trait SequenceHooks: Send {
+    /// Whether this hook set acts at `point` in `layer` (for `Residual`, `layer` is the depth).
+    fn wants(&self, point: HookPoint, layer: usize) -> bool;
+
+    fn scores(&mut self, _site: &AttentionSite, scores: Tensor) -> Result<Tensor> {
+        Ok(scores)
+    }
+
+    fn probs(&mut self, _site: &AttentionSite, probs: Tensor) -> Result<Tensor> {
+        Ok(probs)
+    }
+
+    fn head_outputs(&mut self, _site: &AttentionSite, outputs: Tensor) -> Result<Tensor> {
+        Ok(outputs)
+    }
+
+    fn mlp_output(&mut self, _site: &RowSite, output: Tensor) -> Result<Tensor> {
+        Ok(output)
+    }
+
+    fn residual(&mut self, _site: &RowSite, hidden: Tensor) -> Result<Tensor> {
+        Ok(hidden)
+    }
+
+    /// Returns the key positions to attend to per KV head, (kv_heads, k) u32, or `None` for all.
+    /// Asked only on single-query steps.
+    fn select_keys(&mut self, _site: &AttentionSite) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Several hook sets applied in order: each sees what the previous one returned.
+#[derive(Default)]
+pub struct HookStack(pub Vec<Box<dyn SequenceHooks>>);
+
+impl SequenceHooks for HookStack {
+    fn wants(&self, point: HookPoint, layer: usize) -> bool {
+        self.0.iter().any(|h| h.wants(point, layer))
+    }
+
+    fn scores(&mut self, site: &AttentionSite, mut t: Tensor) -> Result<Tensor> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::Scores, site.layer))
+        {
+            t = h.scores(site, t)?;
+        }
+        Ok(t)
+    }
+
+    fn probs(&mut self, site: &AttentionSite, mut t: Tensor) -> Result<Tensor> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::Probs, site.layer))
+        {
+            t = h.probs(site, t)?;
+        }
+        Ok(t)
+    }
+
+    fn head_outputs(&mut self, site: &AttentionSite, mut t: Tensor) -> Result<Tensor> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::HeadOutputs, site.layer))
+        {
+            t = h.head_outputs(site, t)?;
+        }
+        Ok(t)
+    }
+
+    fn mlp_output(&mut self, site: &RowSite, mut t: Tensor) -> Result<Tensor> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::MlpOutput, site.layer))
+        {
+            t = h.mlp_output(site, t)?;
+        }
+        Ok(t)
+    }
+
+    fn residual(&mut self, site: &RowSite, mut t: Tensor) -> Result<Tensor> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::Residual, site.layer))
+        {
+            t = h.residual(site, t)?;
+        }
+        Ok(t)
+    }
+
+    /// The first hook set that selects keys wins; selections do not compose.
+    fn select_keys(&mut self, site: &AttentionSite) -> Result<Option<Tensor>> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::KeySelection, site.layer))
+        {
+            if let Some(sel) = h.select_keys(site)? {
+                return Ok(Some(sel));
+            }
+        }
+        Ok(None)
+    }
+}

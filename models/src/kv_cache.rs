@@ -1,0 +1,116 @@
+//! Per-sequence KV cache: one preallocated buffer per layer that grows by doubling, so a
+//! generation never re-copies its whole history on every step.
+
+use crate::arch::DecoderConfig;
+use candle_core::{DType, Device, Result, Tensor};
+
+const MIN_CAPACITY: usize = 64;
+
+#[derive(Debug, Clone)]
+struct LayerKv {
+    /// (kv_heads, capacity, head_dim); rows at and past `KvCache::len` are garbage.
+    k: Tensor,
+    v: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+    capacity: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvCache {
+    pub fn new(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Self {
+        Self {
+            layers: vec![None; cfg.num_layers],
+            len: 0,
+            capacity: 0,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the buffers (allocated capacity, not just the used part).
+    pub fn bytes(&self) -> usize {
+        let per_layer =
+            2 * self.kv_heads * self.capacity * self.head_dim * self.dtype.size_in_bytes();
+        per_layer * self.layers.iter().filter(|l| l.is_some()).count()
+    }
+
+    /// Forgets positions from `len` on (e.g. to re-run a suffix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes `k`, `v` (kv_heads, t, head_dim) after the cached positions of `layer` and returns
+    /// views of everything cached for that layer including them. Call [`Self::advance`] once all
+    /// layers have been written.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(1)?;
+        let needed = self.len + t;
+        if needed > self.capacity {
+            self.grow(needed.next_power_of_two().max(MIN_CAPACITY))?;
+        }
+        let entry = match &mut self.layers[layer] {
+            Some(entry) => entry,
+            slot => {
+                let shape = (self.kv_heads, self.capacity, self.head_dim);
+                slot.insert(LayerKv {
+                    k: Tensor::zeros(shape, self.dtype, &self.device)?,
+                    v: Tensor::zeros(shape, self.dtype, &self.device)?,
+                })
+            }
+        };
+        entry.k.slice_set(&k.contiguous()?, 1, self.len)?;
+        entry.v.slice_set(&v.contiguous()?, 1, self.len)?;
+        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
+    }
+
+    /// The whole contiguous buffers of `layer`, (kv_heads, capacity, head_dim): for gathers,
+    /// which need contiguous input. Only rows below the cached length are meaningful.
+    pub(crate) fn buffers(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        self.layers[layer]
+            .as_ref()
+            .map(|e| (e.k.clone(), e.v.clone()))
+    }
+
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    fn grow(&mut self, capacity: usize) -> Result<()> {
+        let shape = (self.kv_heads, capacity, self.head_dim);
+        for entry in self.layers.iter_mut().flatten() {
+            for buf in [&mut entry.k, &mut entry.v] {
+                let bigger = Tensor::zeros(shape, self.dtype, &self.device)?;
+                if self.len > 0 {
+                    bigger.slice_set(&buf.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                *buf = bigger;
+            }
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+}

@@ -1,0 +1,256 @@
+//! Decoder invariants on a tiny seeded random model: batching, caching and hooks.
+
+use attune_models::testing::{random_decoder, tiny_config};
+use attune_models::{
+    AttentionSite, Decoder, DecoderInput, HookPoint, KvCache, LogitsFor, RowSite, SequenceHooks,
+    SequenceStep,
+};
+use candle_core::{Device, IndexOp, Result, Tensor, D};
+
+fn model() -> Decoder {
+    random_decoder(&tiny_config(), 7, &Device::Cpu).unwrap()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    to_vec(a)
+        .iter()
+        .zip(to_vec(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Feeds `tokens` one at a time and returns the logits after each.
+fn stepwise(m: &Decoder, tokens: &[u32]) -> Vec<Tensor> {
+    let mut cache = m.new_cache();
+    tokens
+        .iter()
+        .map(|&t| m.forward_one(&[t], &mut cache, None).unwrap())
+        .collect()
+}
+
+#[test]
+fn prefill_matches_token_by_token_decoding() {
+    let m = model();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 7 % 64) as u32).collect();
+    let mut cache = m.new_cache();
+    let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.clone()), &mut cache)
+        .with_logits(LogitsFor::All);
+    let all = m.forward(std::slice::from_mut(&mut step)).unwrap()[0]
+        .clone()
+        .unwrap();
+    for (i, single) in stepwise(&m, &tokens).iter().enumerate() {
+        let diff = max_abs_diff(&all.i(i).unwrap(), single);
+        assert!(diff < 1e-4, "position {i}: {diff}");
+    }
+}
+
+#[test]
+fn batched_sequences_of_different_lengths_match_running_alone() {
+    let m = model();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5, 6, 7], vec![9, 8], vec![30, 31, 32, 33]];
+    let alone: Vec<Vec<Tensor>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = m.new_cache();
+            let first = m.forward_one(p, &mut cache, None).unwrap();
+            let second = m.forward_one(&[5], &mut cache, None).unwrap();
+            vec![first, second]
+        })
+        .collect();
+
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| m.new_cache()).collect();
+    for round in 0..2 {
+        let mut steps: Vec<SequenceStep> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(c, p)| {
+                let input = if round == 0 { p.clone() } else { vec![5] };
+                SequenceStep::new(DecoderInput::Tokens(input), c)
+            })
+            .collect();
+        let out = m.forward(&mut steps).unwrap();
+        // Dense f32 GEMM blocks differently for different row counts, so batching moves the
+        // last bits; the quantized path is row-exact and is checked on the real model.
+        for (i, logits) in out.iter().enumerate() {
+            let logits = logits.as_ref().unwrap().squeeze(0).unwrap();
+            let diff = max_abs_diff(&logits, &alone[i][round]);
+            assert!(diff < 1e-4, "sequence {i}, round {round}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_grows_past_its_first_allocation() {
+    let m = model();
+    let tokens: Vec<u32> = (0..150).map(|i| (i * 13 % 64) as u32).collect();
+    let mut cache = m.new_cache();
+    let whole = m.forward_one(&tokens, &mut cache, None).unwrap();
+    assert_eq!(cache.len(), 150);
+    let mut cache = m.new_cache();
+    m.forward_one(&tokens[..60], &mut cache, None).unwrap();
+    let mut last = None;
+    for &t in &tokens[60..] {
+        last = Some(m.forward_one(&[t], &mut cache, None).unwrap());
+    }
+    assert!(max_abs_diff(&whole, &last.unwrap()) < 1e-4);
+    assert!(cache.bytes() > 0);
+}
+
+#[test]
+fn final_logits_equal_lm_head_on_last_residual_with_norm() {
+    struct Capture(Option<Tensor>);
+    impl SequenceHooks for Capture {
+        fn wants(&self, point: HookPoint, layer: usize) -> bool {
+            point == HookPoint::Residual && layer == 2
+        }
+        fn residual(&mut self, _: &RowSite, h: Tensor) -> Result<Tensor> {
+            self.0 = Some(h.clone());
+            Ok(h)
+        }
+    }
+    let m = model();
+    let mut hooks = Capture(None);
+    let mut cache = m.new_cache();
+    let logits = m
+        .forward_one(&[3, 4, 5], &mut cache, Some(&mut hooks))
+        .unwrap();
+    let h = hooks.0.unwrap();
+    let again = m
+        .logits_from_hidden(&h.i(2..3).unwrap(), true)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_eq!(to_vec(&logits), to_vec(&again));
+}
+
+/// Reads every hook point and changes nothing.
+struct Observer {
+    probs_rows_checked: usize,
+}
+
+impl SequenceHooks for Observer {
+    fn wants(&self, _: HookPoint, _: usize) -> bool {
+        true
+    }
+    fn probs(&mut self, _: &AttentionSite, p: Tensor) -> Result<Tensor> {
+        let sums = to_vec(&p.sum(D::Minus1)?);
+        assert!(
+            sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+            "rows sum to {sums:?}"
+        );
+        self.probs_rows_checked += sums.len();
+        Ok(p)
+    }
+}
+
+#[test]
+fn a_hook_that_does_nothing_leaves_logits_bit_identical() {
+    let m = model();
+    let tokens = [1u32, 5, 9, 13, 17];
+    let mut plain_cache = m.new_cache();
+    let plain = m.forward_one(&tokens, &mut plain_cache, None).unwrap();
+    let plain_next = m.forward_one(&[2], &mut plain_cache, None).unwrap();
+    let mut hooks = Observer {
+        probs_rows_checked: 0,
+    };
+    let mut cache = m.new_cache();
+    let hooked = m
+        .forward_one(&tokens, &mut cache, Some(&mut hooks))
+        .unwrap();
+    let hooked_next = m.forward_one(&[2], &mut cache, Some(&mut hooks)).unwrap();
+    assert_eq!(to_vec(&plain), to_vec(&hooked));
+    assert_eq!(to_vec(&plain_next), to_vec(&hooked_next));
+    // 2 layers x 4 heads x (5 prefill rows + 1 decode row).
+    assert_eq!(hooks.probs_rows_checked, 2 * 4 * 6);
+}
+
+/// Scales attention to key 0 by `gamma` and renormalizes (ZeroTuning's probability form).
+struct ScaleFirstKey(f32);
+
+impl SequenceHooks for ScaleFirstKey {
+    fn wants(&self, point: HookPoint, _: usize) -> bool {
+        point == HookPoint::Probs
+    }
+    fn probs(&mut self, _: &AttentionSite, p: Tensor) -> Result<Tensor> {
+        let (h, q, k) = p.dims3()?;
+        let mut w = vec![1f32; k];
+        w[0] = self.0;
+        let scaled = p.broadcast_mul(&Tensor::from_vec(w, (1, 1, k), p.device())?)?;
+        let sums = scaled.sum_keepdim(D::Minus1)?;
+        let out = scaled.broadcast_div(&sums)?;
+        assert_eq!(out.dims3()?, (h, q, k));
+        Ok(out)
+    }
+}
+
+#[test]
+fn scaling_attention_to_position_zero_changes_the_output() {
+    let m = model();
+    let tokens = [1u32, 5, 9, 13, 17, 21, 25];
+    let plain = m.forward_one(&tokens, &mut m.new_cache(), None).unwrap();
+    let mut hooks = ScaleFirstKey(4.0);
+    let scaled = m
+        .forward_one(&tokens, &mut m.new_cache(), Some(&mut hooks))
+        .unwrap();
+    assert!(max_abs_diff(&plain, &scaled) > 1e-3);
+}
+
+/// Selects the given key positions on every decode step.
+struct SelectKeys(Vec<u32>);
+
+impl SequenceHooks for SelectKeys {
+    fn wants(&self, point: HookPoint, _: usize) -> bool {
+        point == HookPoint::KeySelection
+    }
+    fn select_keys(&mut self, site: &AttentionSite) -> Result<Option<Tensor>> {
+        let mut keys = self.0.clone();
+        keys.push(site.key_len as u32 - 1);
+        let kv_heads = 2;
+        let idx = Tensor::new(keys.as_slice(), &Device::Cpu)?
+            .unsqueeze(0)?
+            .repeat((kv_heads, 1))?;
+        Ok(Some(idx))
+    }
+}
+
+#[test]
+fn selecting_all_keys_equals_full_attention_and_fewer_keys_differs() {
+    let m = model();
+    let prompt: Vec<u32> = (0..12).collect();
+    let mut cache = m.new_cache();
+    m.forward_one(&prompt, &mut cache, None).unwrap();
+    let mut full_cache = cache.clone();
+    let full = m.forward_one(&[40], &mut full_cache, None).unwrap();
+
+    let mut all = SelectKeys((0..12).collect());
+    let mut c = cache.clone();
+    let selected = m.forward_one(&[40], &mut c, Some(&mut all)).unwrap();
+    assert!(max_abs_diff(&full, &selected) < 1e-5);
+
+    let mut few = SelectKeys(vec![0, 3]);
+    let mut c = cache.clone();
+    let partial = m.forward_one(&[40], &mut c, Some(&mut few)).unwrap();
+    assert!(max_abs_diff(&full, &partial) > 1e-4);
+}
+
+#[test]
+fn embeddings_input_equals_token_input() {
+    let m = model();
+    let tokens = [3u32, 1, 4, 1, 5];
+    let from_tokens = m.forward_one(&tokens, &mut m.new_cache(), None).unwrap();
+    let mut cache = m.new_cache();
+    let mut step = SequenceStep::new(
+        DecoderInput::Embeddings(m.embed(&tokens).unwrap()),
+        &mut cache,
+    );
+    let from_embeds = m.forward(std::slice::from_mut(&mut step)).unwrap()[0]
+        .clone()
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_eq!(to_vec(&from_tokens), to_vec(&from_embeds));
+}
