@@ -116,3 +116,19 @@ pub fn random_decoder(cfg: &DecoderConfig, seed: u64, device: &Device) -> Result
         lm_head,
     ))
 }
+
+/// The default model's GGUF for tests, fetched into the cache on first use
+/// (`ATTUNE_CACHE_DIR` or the XDG default).
+pub fn default_model_path() -> std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let cache = std::env::var_os("ATTUNE_CACHE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(attune_config::default_cache_dir);
+        crate::fetch::fetch_default_model(&cache).unwrap_or_else(|e| {
+            panic!("this test needs the default model, and fetching it failed: {e:#}")
+        })
+    })
+    .clone()
+}

@@ -285,8 +285,8 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
 
 /// Turns a growing list of token ids into text pieces without ever emitting half a UTF-8
 /// character: a piece is released only once its bytes decode cleanly.
-pub struct IncrementalDecoder<'a> {
-    tokenizer: &'a TextTokenizer,
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
     ids: Vec<u32>,
     /// Start of the window that is re-decoded for context (leading spaces depend on it).
     prefix_offset: usize,
@@ -294,45 +294,36 @@ pub struct IncrementalDecoder<'a> {
     read_offset: usize,
 }
 
-impl<'a> IncrementalDecoder<'a> {
-    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
-        Self {
-            tokenizer,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Adds a token; returns the text it completes, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], true)?;
+        let (prefix, full) = self.window(tokenizer)?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(None);
         }
-        let piece = new_suffix(&prefix, &full);
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        Ok(Some(piece))
+        Ok(Some(new_suffix(&prefix, &full)))
     }
 
     /// Whatever is still held back at the end of the stream (e.g. an unfinished character).
-    pub fn finish(&mut self) -> Result<Option<String>> {
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], true)?;
+    pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<Option<String>> {
+        let (prefix, full) = self.window(tokenizer)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok((full.len() > prefix.len()).then(|| new_suffix(&prefix, &full)))
+    }
+
+    /// The decoded context window without and with the tokens not yet emitted.
+    fn window(&self, tokenizer: &TextTokenizer) -> Result<(String, String)> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        Ok((prefix, full))
     }
 }
 

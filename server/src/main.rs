@@ -1,1 +1,182 @@
-fn main() {}
+//! The `attune` command.
+
+use anyhow::{Context, Result};
+use attune_models::{default_device, MissingDefault, Model};
+use attune_server::bench::{self, BenchConfig};
+use attune_server::generate::generate;
+use attune_server::sampling::SamplingParams;
+use attune_server::sequence::GenerationParams;
+use attune_server::settings::{apply_threads, GlobalArgs};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "attune",
+    version,
+    about = "LLM/VLM inference server with per-request interventions"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, printing it as it comes.
+    Generate(GenerateArgs),
+    /// Manage models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Measure prefill and decode speed against candle's quantized_llama on the same GGUF.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt (a user message with --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache.
+    Fetch,
+    /// Write a dequantized Hugging Face directory from a GGUF file.
+    Convert { gguf: PathBuf, out_dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ATTUNE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("attune: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = cli.global.resolve()?;
+    let threads = apply_threads(config.threads);
+    let cache_dir = config.cache_dir();
+    let load_first_model = || -> Result<Model> {
+        let entry = &config.models[0];
+        let source =
+            attune_models::source::resolve(entry.source(), &cache_dir, MissingDefault::Fetch)?;
+        Model::load(&source, &default_device()?)
+            .with_context(|| format!("cannot load model `{}`", entry.id))
+    };
+    match cli.command {
+        Command::Models(ModelsCommand::Fetch) => {
+            let path = attune_models::fetch::fetch_default_model(&cache_dir)?;
+            println!("{}", path.display());
+        }
+        Command::Models(ModelsCommand::Convert { gguf, out_dir }) => {
+            attune_models::convert::gguf_to_hf_dir(&gguf, &out_dir)?;
+            println!("wrote {}", out_dir.display());
+        }
+        Command::Generate(args) => run_generate(&load_first_model()?, args)?,
+        Command::Bench(args) => bench::run(
+            &load_first_model()?,
+            &BenchConfig {
+                prompt_tokens: args.prompt_tokens,
+                decode_tokens: args.decode_tokens,
+                runs: args.runs.max(1),
+            },
+            threads,
+        )?,
+    }
+    Ok(())
+}
+
+fn run_generate(model: &Model, args: GenerateArgs) -> Result<()> {
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": args.prompt}));
+        model.chat_prompt(&messages)?
+    } else {
+        model.completion_prompt(&args.prompt)?
+    };
+    let params = GenerationParams {
+        max_tokens: args.max_tokens,
+        stop: args.stop,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            seed: args.seed,
+        },
+        logprobs: None,
+    };
+    let start = Instant::now();
+    let mut stdout = std::io::stdout();
+    let done = generate(model, prompt, params, None, |step| {
+        let _ = stdout.write_all(step.text.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    println!();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "attune: {} prompt + {} generated tokens in {secs:.2}s ({:.1} tok/s), finish: {:?}",
+        done.prompt_tokens,
+        done.tokens.len(),
+        done.tokens.len() as f64 / secs,
+        done.finish_reason
+    );
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! `attune bench`: prefill and decode speed of our decoder, with and without hooks, against
+//! candle-transformers' `quantized_llama` on the same GGUF, in one run, with the same threads.
+
+use crate::sampling::argmax;
+use anyhow::{Context, Result};
+use attune_models::hooks::reborrow;
+use attune_models::{HookPoint, Model, ModelSource, SequenceHooks};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use std::time::Instant;
+
+const PARAGRAPH: &str = "The history of astronomy is a story of patient observation. Long before \
+telescopes, people tracked the motion of the Sun, the Moon and the planets across the sky, \
+recorded eclipses, and built calendars around the seasons. Later, careful measurements of \
+planetary positions led to laws of motion that explained why orbits are ellipses, and those \
+laws in turn pointed to gravity as a universal force. ";
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub runs: usize,
+}
+
+/// Tokens per second of one run.
+#[derive(Debug, Clone, Copy)]
+struct Speed {
+    prefill: f64,
+    decode: f64,
+}
+
+/// Reads every hook point and changes nothing: the cost of the hook plumbing itself.
+struct PassThrough;
+
+impl SequenceHooks for PassThrough {
+    fn wants(&self, _: HookPoint, _: usize) -> bool {
+        true
+    }
+}
+
+pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
+    let prompt = bench_prompt(model, config.prompt_tokens)?;
+    let mut rows: Vec<(&str, Vec<Speed>)> = vec![
+        ("attune, no hooks", Vec::new()),
+        ("attune, pass-through hook at every point", Vec::new()),
+    ];
+    let mut peer = match &model.source {
+        ModelSource::Gguf(path) => Some(load_peer(path)?),
+        ModelSource::HfDir(_) => None,
+    };
+    let mut peer_speeds = Vec::new();
+    // Interleave the contenders run by run so that machine noise hits them alike.
+    for _ in 0..config.runs {
+        rows[0]
+            .1
+            .push(run_attune(model, &prompt, config.decode_tokens, None)?);
+        rows[1].1.push(run_attune(
+            model,
+            &prompt,
+            config.decode_tokens,
+            Some(&mut PassThrough),
+        )?);
+        if let Some(peer) = peer.as_mut() {
+            peer_speeds.push(run_peer(peer, &prompt, config.decode_tokens)?);
+        }
+    }
+    if peer.is_some() {
+        rows.push(("candle quantized_llama (peer)", peer_speeds));
+    }
+
+    println!(
+        "model: {} | threads: {threads} | prompt: {} tokens | decode: {} tokens | median of {} runs",
+        model.source.path().display(),
+        prompt.len(),
+        config.decode_tokens,
+        config.runs
+    );
+    let peer_median = rows.get(2).map(|r| median(&r.1));
+    println!("| engine | prefill tok/s | decode tok/s | prefill vs peer | decode vs peer |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, speeds) in &rows {
+        let m = median(speeds);
+        let ratio = |ours: f64, theirs: Option<f64>| {
+            theirs.map_or("n/a".to_string(), |t| format!("{:.2}x", ours / t))
+        };
+        println!(
+            "| {name} | {:.1} | {:.1} | {} | {} |",
+            m.prefill,
+            m.decode,
+            ratio(m.prefill, peer_median.map(|p| p.prefill)),
+            ratio(m.decode, peer_median.map(|p| p.decode)),
+        );
+    }
+    Ok(())
+}
+
+/// A prompt of exactly `len` tokens of ordinary English.
+fn bench_prompt(model: &Model, len: usize) -> Result<Vec<u32>> {
+    let once = model.tokenizer.encode(PARAGRAPH, false)?;
+    let tokens: Vec<u32> = once.iter().cycle().take(len).copied().collect();
+    anyhow::ensure!(!tokens.is_empty(), "the benchmark prompt is empty");
+    Ok(tokens)
+}
+
+fn run_attune(
+    model: &Model,
+    prompt: &[u32],
+    decode_tokens: usize,
+    mut hooks: Option<&mut dyn SequenceHooks>,
+) -> Result<Speed> {
+    let decoder = &model.decoder;
+    let mut cache = decoder.new_cache();
+    let start = Instant::now();
+    let logits = decoder.forward_one(prompt, &mut cache, reborrow(&mut hooks))?;
+    let prefill = start.elapsed().as_secs_f64();
+    let mut next = argmax(&logits.to_vec1::<f32>()?);
+    let start = Instant::now();
+    for _ in 0..decode_tokens {
+        let logits = decoder.forward_one(&[next], &mut cache, reborrow(&mut hooks))?;
+        next = argmax(&logits.to_vec1::<f32>()?);
+    }
+    Ok(Speed {
+        prefill: prompt.len() as f64 / prefill,
+        decode: decode_tokens as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
+fn load_peer(path: &std::path::Path) -> Result<ModelWeights> {
+    let mut file = std::fs::File::open(path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+        .context("quantized_llama cannot load this GGUF")
+}
+
+fn run_peer(peer: &mut ModelWeights, prompt: &[u32], decode_tokens: usize) -> Result<Speed> {
+    let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
+    let start = Instant::now();
+    let logits = peer.forward(&input, 0)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    let start = Instant::now();
+    for i in 0..decode_tokens {
+        let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+        let logits = peer.forward(&input, prompt.len() + i)?;
+        next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    }
+    Ok(Speed {
+        prefill: prompt.len() as f64 / prefill,
+        decode: decode_tokens as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
+fn median(speeds: &[Speed]) -> Speed {
+    let pick = |f: fn(&Speed) -> f64| {
+        let mut v: Vec<f64> = speeds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Speed {
+        prefill: pick(|s| s.prefill),
+        decode: pick(|s| s.decode),
+    }
+}

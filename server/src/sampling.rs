@@ -1,0 +1,259 @@
+//! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, and a
+//! seeded RNG so that a seed reproduces a sample.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Per-request sampling settings (OpenAI's plus the usual extensions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 0 = off. Keeps tokens with p >= min_p * max p.
+    pub min_p: f32,
+    /// 1 = off. Divides positive / multiplies negative logits of tokens already seen.
+    pub repetition_penalty: f32,
+    /// OpenAI: subtracted once from every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI: subtracted per occurrence of a token already generated.
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Applies the repetition, presence and frequency penalties in place. `context` is every
+    /// token so far (prompt and output); `generated` only the output.
+    pub fn apply_penalties(&self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in context {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+            for (logit, _) in logits.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+                *logit = if *logit > 0.0 {
+                    *logit / p.repetition_penalty
+                } else {
+                    *logit * p.repetition_penalty
+                };
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: HashMap<u32, usize> = HashMap::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(logit) = logits.get_mut(t as usize) {
+                    *logit -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
+
+    /// Picks the next token from penalized logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let candidates = self.filtered_probs(logits);
+        let draw: f32 = self.rng.random();
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        let mut acc = 0.0;
+        for &(token, p) in &candidates {
+            acc += p / total;
+            if draw < acc {
+                return token;
+            }
+        }
+        candidates
+            .last()
+            .map(|c| c.0)
+            .unwrap_or_else(|| argmax(logits))
+    }
+
+    /// Tokens left after temperature, top-k, top-p and min-p, with their (unnormalized)
+    /// probabilities, most likely first.
+    fn filtered_probs(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        let p = &self.params;
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp()))
+            .filter(|c| c.1 > 0.0)
+            .collect();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            probs.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = probs.iter().map(|c| c.1).sum();
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, c) in probs.iter().enumerate() {
+                acc += c.1 / total;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            // probs[0] is the most likely token, with unnormalized probability 1.
+            let floor = p.min_p * probs.first().map_or(0.0, |c| c.1);
+            probs.retain(|c| c.1 >= floor);
+        }
+        probs
+    }
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax of a logits row.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    logits.iter().map(|l| l - lse).collect()
+}
+
+/// The `n` most likely tokens of a log-probability row, most likely first.
+pub fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(n - 1, |a, b| {
+        logprobs[*b as usize].total_cmp(&logprobs[*a as usize])
+    });
+    idx.truncate(n);
+    idx.sort_by(|a, b| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]));
+    idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
+        let mut p = SamplingParams {
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        f(&mut p);
+        Sampler::new(p)
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = sampler(|p| p.temperature = 0.0);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_samples() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut s = sampler(|p| p.seed = Some(seed));
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        assert_ne!(draw(5), draw(6));
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_cut_the_tail() {
+        let logits = [4.0f32, 3.0, 2.0, 1.0, 0.0];
+        let k = sampler(|p| p.top_k = 2).filtered_probs(&logits);
+        assert_eq!(k.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 1]);
+        // Softmax: .636 .234 .086 .032 .012 -> top_p .8 keeps the first two.
+        let tp = sampler(|p| p.top_p = 0.8).filtered_probs(&logits);
+        assert_eq!(tp.len(), 2);
+        // min_p .1: keeps p >= .0636 -> three tokens.
+        let mp = sampler(|p| p.min_p = 0.1).filtered_probs(&logits);
+        assert_eq!(mp.len(), 3);
+        for _ in 0..50 {
+            assert!(sampler(|p| p.top_k = 2).sample(&logits) < 2);
+        }
+    }
+
+    #[test]
+    fn penalties_follow_hf_and_openai_rules() {
+        let s = sampler(|p| {
+            p.repetition_penalty = 2.0;
+            p.presence_penalty = 0.5;
+            p.frequency_penalty = 0.25;
+        });
+        let mut logits = [2.0f32, -2.0, 2.0, 1.0];
+        s.apply_penalties(&mut logits, &[0, 1, 3, 3], &[3, 3]);
+        assert_eq!(logits, [1.0, -4.0, 2.0, 0.5 - 0.5 - 0.5]);
+    }
+
+    #[test]
+    fn top_n_and_log_softmax() {
+        let lp = log_softmax(&[1.0, 3.0, 2.0]);
+        let total: f32 = lp.iter().map(|l| l.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let top = top_n(&lp, 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+}
