@@ -11,7 +11,12 @@ fn converted_model_answers_paris_through_the_cli() {
     let out_dir = dir.path().join("smollm2-f32");
     let out_dir_str = out_dir.to_str().unwrap();
     attune_ok(&["models", "convert", gguf.to_str().unwrap(), out_dir_str]);
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out_dir.join(file).exists(), "convert did not write {file}");
     }
     let out = attune_ok(&[
@@ -58,12 +63,22 @@ fn same_seed_same_text_and_max_tokens_is_respected() {
 #[test]
 fn unknown_model_is_a_clear_error() {
     let out = attune()
-        .args(["generate", "--model", "no/such-model-here", "--prompt", "hi"])
+        .args([
+            "generate",
+            "--model",
+            "no/such-model-here",
+            "--prompt",
+            "hi",
+        ])
         .env("HF_HUB_CACHE", tempfile::tempdir().unwrap().path())
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("not in the Hugging Face cache"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not in the Hugging Face cache"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -76,7 +91,11 @@ fn fetch_without_pip_fails_cleanly_and_leaves_the_cache_empty() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("install Python 3 with pip"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("install Python 3 with pip"),
+        "{}",
+        stderr(&out)
+    );
     let left: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
     assert!(left.is_empty(), "cache not empty: {left:?}");
 }

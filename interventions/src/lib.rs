@@ -1,1 +1,97 @@
+//! Training-free, per-request interventions. Each method lives in its own module: typed,
+//! validated parameters, and the hooks it installs in the decoder for one sequence.
+//!
+//! The server parses the request's `interventions` list with [`parse_all`], installs
+//! [`Intervention::hooks`] on each sequence, and lists [`catalogue`] at `/v1/interventions`.
 
+mod catalogue;
+mod params;
+pub mod zerotuning;
+
+pub use catalogue::{catalogue, MethodInfo, ModelKind, ParamInfo};
+pub use params::InterventionError;
+
+use attune_models::SequenceHooks;
+use serde_json::Value;
+
+/// What an intervention needs to know about the model it runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelShape {
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub kind: ModelKind,
+}
+
+/// A method with validated, fully resolved parameters, ready to install on sequences.
+pub trait Intervention: Send + Sync {
+    /// The request name (`"zerotuning"`, ...).
+    fn name(&self) -> &'static str;
+    /// The parameters with every default filled in, echoed back in responses.
+    fn resolved(&self) -> Value;
+    /// Fresh hook state for one sequence.
+    fn hooks(&self) -> Box<dyn SequenceHooks>;
+}
+
+/// All method names the API accepts, implemented or not.
+pub const METHOD_NAMES: &[&str] = &[
+    "var",
+    "vhr",
+    "carve",
+    "zerotuning",
+    "act",
+    "vista",
+    "recycled_attention",
+    "contrastive_decoding",
+];
+
+/// Parses one `{"type": NAME, ...params}` object.
+pub fn parse(spec: &Value, shape: &ModelShape) -> Result<Box<dyn Intervention>, InterventionError> {
+    let object = spec.as_object().ok_or_else(|| {
+        InterventionError::new("", "must be an object like {\"type\": \"zerotuning\", ...}")
+    })?;
+    let name = object
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| InterventionError::new("type", "is required and must be a string"))?;
+    let mut params = object.clone();
+    params.remove("type");
+    let params = Value::Object(params);
+    match name {
+        "zerotuning" => Ok(Box::new(zerotuning::ZeroTuning::from_request(
+            params, shape,
+        )?)),
+        other if METHOD_NAMES.contains(&other) => Err(InterventionError::new(
+            "type",
+            format!("intervention `{other}` is not implemented yet in this server"),
+        )),
+        other => Err(InterventionError::new(
+            "type",
+            format!(
+                "unknown intervention `{other}`; known: {}",
+                METHOD_NAMES.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Parses a request's whole `interventions` list; errors name the list index.
+pub fn parse_all(
+    specs: &[Value],
+    shape: &ModelShape,
+) -> Result<Vec<Box<dyn Intervention>>, InterventionError> {
+    let parsed = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| parse(spec, shape).map_err(|e| e.at_index(i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in parsed.iter().enumerate() {
+        if parsed[..i].iter().any(|b| b.name() == a.name()) {
+            return Err(
+                InterventionError::new("type", format!("`{}` is given twice", a.name()))
+                    .at_index(i),
+            );
+        }
+    }
+    Ok(parsed)
+}

@@ -185,14 +185,14 @@ impl Decoder {
     }
 
     /// One sequence, one step: returns the last position's logits, (vocab,).
-    pub fn forward_one<'a>(
+    pub fn forward_one(
         &self,
         tokens: &[u32],
-        cache: &'a mut KvCache,
-        hooks: Option<&'a mut dyn SequenceHooks>,
+        cache: &mut KvCache,
+        hooks: Option<&mut (dyn SequenceHooks + '_)>,
     ) -> Result<Tensor> {
         let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.to_vec()), cache);
-        step.hooks = hooks;
+        step.hooks = hooks.map(|h| h as &mut dyn SequenceHooks);
         let mut out = self.forward(std::slice::from_mut(&mut step))?;
         out.pop()
             .flatten()

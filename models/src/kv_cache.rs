@@ -6,14 +6,15 @@ use candle_core::{DType, Device, Result, Tensor};
 
 const MIN_CAPACITY: usize = 64;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct LayerKv {
     /// (kv_heads, capacity, head_dim); rows at and past `KvCache::len` are garbage.
     k: Tensor,
     v: Tensor,
 }
 
-#[derive(Debug, Clone)]
+/// Not `Clone`: buffers are written in place, so a copy must be deep ([`KvCache::try_clone`]).
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
@@ -27,7 +28,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Self {
         Self {
-            layers: vec![None; cfg.num_layers],
+            layers: (0..cfg.num_layers).map(|_| None).collect(),
             len: 0,
             capacity: 0,
             kv_heads: cfg.num_kv_heads,
@@ -35,6 +36,29 @@ impl KvCache {
             dtype,
             device: device.clone(),
         }
+    }
+
+    /// A deep copy, e.g. to fork a prefilled prompt into several continuations.
+    pub fn try_clone(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|e| {
+                        Ok(LayerKv {
+                            k: e.k.copy()?,
+                            v: e.v.copy()?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            device: self.device.clone(),
+            ..*self
+        })
     }
 
     /// Number of cached positions.

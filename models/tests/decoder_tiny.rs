@@ -221,16 +221,16 @@ fn selecting_all_keys_equals_full_attention_and_fewer_keys_differs() {
     let prompt: Vec<u32> = (0..12).collect();
     let mut cache = m.new_cache();
     m.forward_one(&prompt, &mut cache, None).unwrap();
-    let mut full_cache = cache.clone();
+    let mut full_cache = cache.try_clone().unwrap();
     let full = m.forward_one(&[40], &mut full_cache, None).unwrap();
 
     let mut all = SelectKeys((0..12).collect());
-    let mut c = cache.clone();
+    let mut c = cache.try_clone().unwrap();
     let selected = m.forward_one(&[40], &mut c, Some(&mut all)).unwrap();
     assert!(max_abs_diff(&full, &selected) < 1e-5);
 
     let mut few = SelectKeys(vec![0, 3]);
-    let mut c = cache.clone();
+    let mut c = cache.try_clone().unwrap();
     let partial = m.forward_one(&[40], &mut c, Some(&mut few)).unwrap();
     assert!(max_abs_diff(&full, &partial) > 1e-4);
 }
@@ -251,4 +251,21 @@ fn embeddings_input_equals_token_input() {
         .squeeze(0)
         .unwrap();
     assert_eq!(to_vec(&from_tokens), to_vec(&from_embeds));
+}
+
+#[test]
+fn forked_caches_do_not_share_history() {
+    let m = model();
+    let mut cache = m.new_cache();
+    m.forward_one(&[1, 2, 3], &mut cache, None).unwrap();
+    let mut fork = cache.try_clone().unwrap();
+    let a = m.forward_one(&[10], &mut cache, None).unwrap();
+    m.forward_one(&[20], &mut fork, None).unwrap();
+    // The fork wrote position 3 too; the original's next step must still see its own token.
+    let b = m.forward_one(&[11], &mut cache, None).unwrap();
+    let mut fresh = m.new_cache();
+    m.forward_one(&[1, 2, 3, 10], &mut fresh, None).unwrap();
+    let want = m.forward_one(&[11], &mut fresh, None).unwrap();
+    assert!(max_abs_diff(&b, &want) < 1e-5);
+    assert!(max_abs_diff(&a, &b) > 0.0);
 }

@@ -106,7 +106,7 @@ fn run_attune(
     model: &Model,
     prompt: &[u32],
     decode_tokens: usize,
-    mut hooks: Option<&mut dyn SequenceHooks>,
+    mut hooks: Option<&mut (dyn SequenceHooks + '_)>,
 ) -> Result<Speed> {
     let decoder = &model.decoder;
     let mut cache = decoder.new_cache();

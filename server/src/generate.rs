@@ -19,7 +19,7 @@ pub fn generate(
     model: &Model,
     prompt: Vec<u32>,
     params: GenerationParams,
-    mut hooks: Option<&mut dyn SequenceHooks>,
+    mut hooks: Option<&mut (dyn SequenceHooks + '_)>,
     mut on_step: impl FnMut(&StepOutput),
 ) -> Result<Completion> {
     let prompt_tokens = prompt.len();

@@ -1,0 +1,176 @@
+//! ZeroTuning's invariants (spec §1 "Sanity") on a tiny seeded model.
+
+use attune_interventions::{parse, parse_all, ModelKind, ModelShape};
+use attune_models::testing::{random_decoder, tiny_config};
+use attune_models::{AttentionSite, HookPoint};
+use candle_core::{Device, Result, Tensor, D};
+use serde_json::json;
+
+fn shape() -> ModelShape {
+    let cfg = tiny_config();
+    ModelShape {
+        num_layers: cfg.num_layers,
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        kind: ModelKind::Llm,
+    }
+}
+
+fn logits_with(spec: Option<serde_json::Value>, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let m = random_decoder(&tiny_config(), 3, &Device::Cpu).unwrap();
+    let mut hooks = spec.map(|s| parse(&s, &shape()).unwrap().hooks());
+    let mut cache = m.new_cache();
+    let mut out = vec![m
+        .forward_one(tokens, &mut cache, hooks.as_deref_mut())
+        .unwrap()
+        .to_vec1()
+        .unwrap()];
+    for t in [7u32, 8, 9] {
+        out.push(
+            m.forward_one(&[t], &mut cache, hooks.as_deref_mut())
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+        );
+    }
+    out
+}
+
+#[test]
+fn gamma_one_is_bit_identical_to_no_intervention() {
+    let tokens = [1u32, 2, 3, 4, 5];
+    let plain = logits_with(None, &tokens);
+    assert_eq!(
+        plain,
+        logits_with(Some(json!({"type": "zerotuning", "gamma": 1.0})), &tokens)
+    );
+    let per_head_neutral =
+        json!({"type": "zerotuning", "per_head": [{"layer": 1, "head": 2, "gamma": 1.0}]});
+    assert_eq!(plain, logits_with(Some(per_head_neutral), &tokens));
+    assert_ne!(
+        plain,
+        logits_with(Some(json!({"type": "zerotuning", "gamma": 2.0})), &tokens)
+    );
+}
+
+/// Applies the hook to a known score row and returns softmax of the result.
+fn hooked_probs(spec: serde_json::Value, scores: &Tensor) -> Tensor {
+    let mut hooks = parse(&spec, &shape()).unwrap().hooks();
+    assert!(hooks.wants(HookPoint::Scores, 0));
+    let site = AttentionSite {
+        layer: 0,
+        query_start: 0,
+        query_len: scores.dim(1).unwrap(),
+        key_len: scores.dim(2).unwrap(),
+        selected_keys: None,
+    };
+    let s = hooks.scores(&site, scores.clone()).unwrap();
+    candle_nn::ops::softmax_last_dim(&s).unwrap()
+}
+
+/// The code's form: A'[p0] = g A[p0], then divide the row by 1 + (g - 1) A[p0].
+fn rescale_form(probs: &Tensor, g: f32) -> Result<Tensor> {
+    let (h, q, k) = probs.dims3()?;
+    let mut w = vec![1f32; k];
+    w[0] = g;
+    let scaled = probs.broadcast_mul(&Tensor::from_vec(w, (1, 1, k), probs.device())?)?;
+    let denom = (probs.narrow(2, 0, 1)? * (g as f64 - 1.0))? + 1.0;
+    let out = scaled.broadcast_div(&denom?)?;
+    assert_eq!(out.dims3()?, (h, q, k));
+    Ok(out)
+}
+
+#[test]
+fn bias_form_equals_rescale_form_and_keeps_ratios() {
+    let dev = Device::Cpu;
+    let scores = Tensor::from_vec(
+        (0..4 * 3 * 6)
+            .map(|i| ((i * 37 % 11) as f32) * 0.3 - 1.0)
+            .collect::<Vec<_>>(),
+        (4, 3, 6),
+        &dev,
+    )
+    .unwrap();
+    let base = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+    for g in [0.3f32, 2.0, 4.0] {
+        let ours = hooked_probs(json!({"type": "zerotuning", "gamma": g}), &scores);
+        let code = rescale_form(&base, g).unwrap();
+        let diff: f32 = (&ours - &code)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-6, "gamma {g}: {diff}");
+        let sums: Vec<f32> = ours
+            .sum(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+        // Ratios among the other keys are unchanged.
+        let (a, b) = (
+            ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            base.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(((a[2] / a[3]) - (b[2] / b[3])).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn worked_example_from_the_spec() {
+    // a = [.5, .25, .25], g = 2 -> [.6667, .1667, .1667].
+    let scores = Tensor::new(&[[[0.5f32.ln(), 0.25f32.ln(), 0.25f32.ln()]]], &Device::Cpu)
+        .unwrap()
+        .repeat((4, 1, 1))
+        .unwrap();
+    let p = hooked_probs(json!({"type": "zerotuning", "gamma": 2}), &scores);
+    let row: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap()[..3].to_vec();
+    for (got, want) in row.iter().zip([2.0 / 3.0, 1.0 / 6.0, 1.0 / 6.0]) {
+        assert!((got - want).abs() < 1e-5, "{row:?}");
+    }
+}
+
+#[test]
+fn only_the_chosen_heads_change() {
+    let scores = Tensor::ones((4, 2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let p = hooked_probs(
+        json!({"type": "zerotuning", "gamma": 3, "heads": [1]}),
+        &scores,
+    );
+    let rows = p.to_vec3::<f32>().unwrap();
+    assert!((rows[0][0][0] - 0.2).abs() < 1e-6, "head 0 untouched");
+    assert!((rows[1][0][0] - 3.0 / 7.0).abs() < 1e-6, "head 1 scaled");
+}
+
+#[test]
+fn bad_parameters_name_the_field() {
+    let err = |spec| parse_all(&[spec], &shape()).err().unwrap().to_string();
+    assert!(err(json!({"type": "zerotuning", "gamma": 0})).starts_with("interventions[0].gamma:"));
+    assert!(err(json!({"type": "zerotuning", "gamma": "x"})).contains("invalid type"));
+    assert!(
+        err(json!({"type": "zerotuning", "layers": [2]})).starts_with("interventions[0].layers:")
+    );
+    assert!(err(json!({"type": "zerotuning", "gama": 2})).starts_with("interventions[0].gama:"));
+    assert!(err(json!({"type": "act"})).contains("not implemented yet"));
+    assert!(err(json!({"type": "nope"})).contains("unknown intervention"));
+    assert!(err(json!({"gamma": 2})).starts_with("interventions[0].type:"));
+    let twice = parse_all(
+        &[json!({"type": "zerotuning"}), json!({"type": "zerotuning"})],
+        &shape(),
+    );
+    assert!(twice.err().unwrap().to_string().contains("given twice"));
+}
+
+#[test]
+fn resolved_parameters_fill_in_defaults() {
+    let z = parse(&json!({"type": "zerotuning", "gamma": 1.5}), &shape()).unwrap();
+    assert_eq!(
+        z.resolved(),
+        json!({"gamma": 1.5, "layers": [0, 1], "heads": [0, 1, 2, 3], "per_head": []})
+    );
+}
