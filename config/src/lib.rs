@@ -34,11 +34,34 @@ impl Default for AttuneConfig {
     }
 }
 
+/// HTTP server settings and request limits.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
+    /// Bearer keys accepted on every route but /health and /metrics; empty = no auth.
+    pub api_keys: Vec<String>,
+    /// Sequences decoded together in one step, per model.
+    pub max_batch_size: usize,
+    /// Requests waiting for a batch slot, per model; beyond it requests get 429.
+    pub max_queue: usize,
+    /// Most tokens one choice may generate.
+    pub max_tokens_cap: usize,
+    /// Most choices (`n`) per request.
+    pub max_n: usize,
+    /// Largest accepted request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most stop strings per request.
+    pub max_stop_strings: usize,
+    /// Most entries in a request's `interventions` list.
+    pub max_interventions: usize,
+    /// A request still running after this many seconds is cancelled (503).
+    pub request_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    pub shutdown_grace_secs: u64,
+    /// Seconds a client is told to wait (Retry-After) when the queue is full.
+    pub retry_after_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +69,17 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".into(),
             port: 8080,
+            api_keys: Vec::new(),
+            max_batch_size: 16,
+            max_queue: 64,
+            max_tokens_cap: 4096,
+            max_n: 8,
+            max_body_bytes: 2 * 1024 * 1024,
+            max_stop_strings: 8,
+            max_interventions: 8,
+            request_timeout_secs: 600,
+            shutdown_grace_secs: 30,
+            retry_after_secs: 1,
         }
     }
 }
@@ -111,6 +145,26 @@ impl AttuneConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        for (name, value) in [
+            ("server.max_batch_size", s.max_batch_size),
+            ("server.max_tokens_cap", s.max_tokens_cap),
+            ("server.max_n", s.max_n),
+            ("server.max_body_bytes", s.max_body_bytes),
+            (
+                "server.request_timeout_secs",
+                s.request_timeout_secs as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));
+            }
+        }
+        if s.max_n > s.max_batch_size {
+            return Err(ConfigError::Invalid(
+                "`server.max_n` cannot exceed `server.max_batch_size`".into(),
+            ));
+        }
         if self.models.is_empty() {
             return Err(ConfigError::Invalid(
                 "`models` must list at least one model".into(),

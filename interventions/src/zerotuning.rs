@@ -109,7 +109,7 @@ impl ZeroTuning {
 }
 
 fn check_gamma(field: &str, gamma: f64) -> std::result::Result<(), InterventionError> {
-    if gamma.is_finite() && gamma >= 1e-6 && gamma <= 1e6 {
+    if (1e-6..=1e6).contains(&gamma) {
         Ok(())
     } else {
         Err(InterventionError::new(

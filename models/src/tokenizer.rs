@@ -223,12 +223,52 @@ impl TextTokenizer {
             .is_some_and(|t| t.special)
     }
 
+    /// The raw bytes a token stands for: byte-level BPE symbols mapped back to bytes, special
+    /// tokens as written; a token may be part of a UTF-8 character.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(text) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.is_special(id) {
+            return text.into_bytes();
+        }
+        let table = byte_level_table();
+        text.chars()
+            .map(|c| table.get(&c).copied())
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| self.decode(&[id], false).unwrap_or_default().into_bytes())
+    }
+
     /// The tokenizer as `tokenizer.json` text.
     pub fn to_json(&self) -> Result<String> {
         self.inner
             .to_string(true)
             .map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))
     }
+}
+
+/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others
+/// were shifted to code points from 256 on.
+fn byte_level_table() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u32| {
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b)
+        };
+        let mut shifted = 256;
+        (0u32..256)
+            .map(|b| {
+                let c = if printable(b) {
+                    b
+                } else {
+                    shifted += 1;
+                    shifted - 1
+                };
+                (char::from_u32(c).expect("valid code point"), b as u8)
+            })
+            .collect()
+    })
 }
 
 fn pre_tokenizer(pre: &str) -> Result<Sequence> {

@@ -274,3 +274,13 @@ fn incremental_decoding_never_splits_a_character_and_adds_up_to_the_whole() {
         assert_eq!(text, tok.decode(&ids, true).unwrap(), "for {:?}", case.text);
     }
 }
+
+#[test]
+fn token_bytes_concatenate_to_the_text() {
+    let tok = &gguf_model().tokenizer;
+    for case in &reference().tokenized {
+        let ids = tok.encode(&case.text, false).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), case.text);
+    }
+}

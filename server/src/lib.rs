@@ -1,9 +1,14 @@
-//! Attune's server side: generation core (sampling, stop rules, sequences), benchmarks, and
-//! the command-line settings. The `attune` binary is `main.rs`.
+//! Attune's server side: the OpenAI-compatible API, the batching engine, the generation core
+//! (sampling, stop rules, sequences), metrics, benchmarks and command-line settings. The
+//! `attune` binary is `main.rs`.
 
+pub mod api;
 pub mod bench;
+pub mod engine;
 pub mod generate;
+pub mod metrics;
 pub mod sampling;
 pub mod sequence;
+pub mod serve;
 pub mod settings;
 pub mod stop;

@@ -27,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API (fetches the default model on first start).
+    Serve(ServeArgs),
     /// Generate text from a prompt, printing it as it comes.
     Generate(GenerateArgs),
     /// Manage models.
@@ -34,6 +36,22 @@ enum Command {
     Models(ModelsCommand),
     /// Measure prefill and decode speed against candle's quantized_llama on the same GGUF.
     Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "ATTUNE_HOST")]
+    host: Option<String>,
+    #[arg(long, env = "ATTUNE_PORT")]
+    port: Option<u16>,
+    /// Accepted API keys (repeatable; ATTUNE_API_KEYS takes a comma-separated list).
+    #[arg(
+        long = "api-key",
+        env = "ATTUNE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -104,7 +122,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let config = cli.global.resolve()?;
+    let mut config = cli.global.resolve()?;
     let threads = apply_threads(config.threads);
     let cache_dir = config.cache_dir();
     let load_first_model = || -> Result<Model> {
@@ -115,6 +133,18 @@ fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("cannot load model `{}`", entry.id))
     };
     match cli.command {
+        Command::Serve(args) => {
+            if let Some(host) = args.host {
+                config.server.host = host;
+            }
+            if let Some(port) = args.port {
+                config.server.port = port;
+            }
+            if !args.api_keys.is_empty() {
+                config.server.api_keys = args.api_keys;
+            }
+            tokio::runtime::Runtime::new()?.block_on(attune_server::serve::serve(config))?;
+        }
         Command::Models(ModelsCommand::Fetch) => {
             let path = attune_models::fetch::fetch_default_model(&cache_dir)?;
             println!("{}", path.display());
@@ -160,6 +190,7 @@ fn run_generate(model: &Model, args: GenerateArgs) -> Result<()> {
             presence_penalty: args.presence_penalty,
             frequency_penalty: args.frequency_penalty,
             seed: args.seed,
+            logit_bias: Vec::new(),
         },
         logprobs: None,
     };

@@ -24,6 +24,8 @@ pub struct SamplingParams {
     /// OpenAI: subtracted per occurrence of a token already generated.
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// Added to the logits of the given tokens (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +39,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -68,10 +71,15 @@ impl Sampler {
         &self.params
     }
 
-    /// Applies the repetition, presence and frequency penalties in place. `context` is every
+    /// Applies `logit_bias` and the repetition, presence and frequency penalties in place. `context` is every
     /// token so far (prompt and output); `generated` only the output.
     pub fn apply_penalties(&self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
         let p = &self.params;
+        for &(token, bias) in &p.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
             for &t in context {

@@ -102,6 +102,10 @@ impl Sequence {
         }
     }
 
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
     pub fn cache_mut(&mut self) -> &mut KvCache {
         &mut self.cache
     }

@@ -1,0 +1,460 @@
+//! All request checks in one place: each request is turned into engine work or a 400 that
+//! names the field. Handlers never look at raw request fields themselves.
+
+use crate::api::error::ApiError;
+use crate::api::state::AppState;
+use crate::api::types::{
+    ChatCompletionRequest, CompletionRequest, ContentPart, MessageContent, PromptSpec,
+    SamplingFields, StopSpec,
+};
+use crate::engine::{ChoiceSpec, Engine};
+use crate::sampling::SamplingParams;
+use crate::sequence::GenerationParams;
+use attune_interventions::{Intervention, ModelKind, ModelShape};
+use attune_models::Model;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Most alternatives per token in `top_logprobs` / completions `logprobs`.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+/// OpenAI's default `max_tokens` for the completions endpoint.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// A request that passed every check.
+pub struct ValidatedRequest {
+    pub engine: Arc<Engine>,
+    pub choices: Vec<ChoiceSpec>,
+    pub interventions: Arc<Vec<Box<dyn Intervention>>>,
+    /// The interventions with every default filled in, echoed in the response.
+    pub resolved_interventions: Vec<Value>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Alternatives per token when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
+    /// Prompt tokens, each distinct prompt counted once.
+    pub prompt_tokens: usize,
+}
+
+pub fn chat(state: &AppState, req: ChatCompletionRequest) -> Result<ValidatedRequest, ApiError> {
+    let engine = state.engine(req.model.as_deref())?;
+    let model = &engine.model;
+    if req.tools.is_some() {
+        return Err(ApiError::invalid(
+            "tools",
+            "Tool calling is not supported by this server",
+        ));
+    }
+    if let Some(format) = &req.response_format {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid(
+                "response_format",
+                "Only {\"type\": \"text\"} is supported",
+            ));
+        }
+    }
+    let messages = chat_messages(&req)?;
+    let prompt = model
+        .chat_prompt(&messages)
+        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "requires `logprobs` to be true",
+            ))
+        }
+        (false, None) => None,
+        (true, top) => {
+            Some(bounded("top_logprobs", top.unwrap_or(0), 0, MAX_TOP_LOGPROBS)? as usize)
+        }
+    };
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => Some((m, "max_completion_tokens")),
+        (None, Some(m)) => Some((m, "max_tokens")),
+        (None, None) => None,
+    };
+    let prompts = vec![prompt];
+    let base = Common {
+        state,
+        model,
+        sampling: &req.sampling,
+        max_tokens,
+        default_max_tokens: None,
+        logprobs,
+        prompt_param: "messages",
+    };
+    finish(
+        base,
+        engine.clone(),
+        prompts,
+        &req.interventions,
+        req.stream,
+        req.stream_options.map(|o| o.include_usage),
+    )
+}
+
+pub fn completion(state: &AppState, req: CompletionRequest) -> Result<ValidatedRequest, ApiError> {
+    let engine = state.engine(req.model.as_deref())?;
+    let model = &engine.model;
+    if req.echo {
+        return Err(ApiError::invalid("echo", "`echo` is not supported"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+    }
+    if let Some(best_of) = req.best_of {
+        if best_of != req.sampling.n.unwrap_or(1) {
+            return Err(ApiError::invalid(
+                "best_of",
+                "`best_of` must equal `n` (no re-ranking)",
+            ));
+        }
+    }
+    let prompts = completion_prompts(model, req.prompt.as_ref())?;
+    let logprobs = req
+        .logprobs
+        .map(|n| bounded("logprobs", n, 0, MAX_TOP_LOGPROBS).map(|n| n as usize))
+        .transpose()?;
+    let base = Common {
+        state,
+        model,
+        sampling: &req.sampling,
+        max_tokens: req.max_tokens.map(|m| (m, "max_tokens")),
+        default_max_tokens: Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+        logprobs,
+        prompt_param: "prompt",
+    };
+    finish(
+        base,
+        engine.clone(),
+        prompts,
+        &req.interventions,
+        req.stream,
+        req.stream_options.map(|o| o.include_usage),
+    )
+}
+
+/// The parts both endpoints check the same way.
+struct Common<'a> {
+    state: &'a AppState,
+    model: &'a Model,
+    sampling: &'a SamplingFields,
+    max_tokens: Option<(u64, &'static str)>,
+    /// `None`: as many as fit in the context (up to the cap).
+    default_max_tokens: Option<usize>,
+    logprobs: Option<usize>,
+    prompt_param: &'static str,
+}
+
+fn finish(
+    c: Common,
+    engine: Arc<Engine>,
+    prompts: Vec<Vec<u32>>,
+    interventions: &[Value],
+    stream: bool,
+    include_usage: Option<bool>,
+) -> Result<ValidatedRequest, ApiError> {
+    if include_usage.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "is only allowed with `stream: true`",
+        ));
+    }
+    let limits = &c.state.limits;
+    let (sampling, stop, n) = sampling(c.state, c.model, c.sampling)?;
+    let context = c.model.decoder.config().max_position_embeddings;
+    let mut choices = Vec::new();
+    let mut prompt_tokens = 0;
+    for prompt in prompts {
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(c.prompt_param, "The prompt is empty"));
+        }
+        if prompt.len() >= context {
+            return Err(ApiError::context_length(
+                c.prompt_param,
+                format!(
+                    "This model's maximum context length is {context} tokens. However, your \
+                     prompt has {} tokens, which leaves no room to generate.",
+                    prompt.len()
+                ),
+            ));
+        }
+        let room = context - prompt.len();
+        let max_tokens = match c.max_tokens {
+            Some((m, field)) => {
+                let m = bounded(field, m, 1, limits.max_tokens_cap as u64)? as usize;
+                if m > room {
+                    return Err(ApiError::context_length(
+                        field,
+                        format!(
+                            "This model's maximum context length is {context} tokens. However, \
+                             you requested {} tokens ({} in the prompt, {m} for the completion).",
+                            prompt.len() + m,
+                            prompt.len()
+                        ),
+                    ));
+                }
+                m
+            }
+            None => c
+                .default_max_tokens
+                .unwrap_or(usize::MAX)
+                .min(limits.max_tokens_cap)
+                .min(room),
+        };
+        prompt_tokens += prompt.len();
+        for i in 0..n {
+            let mut sampling = sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            choices.push(ChoiceSpec {
+                prompt: prompt.clone(),
+                params: GenerationParams {
+                    max_tokens,
+                    stop: stop.clone(),
+                    sampling,
+                    logprobs: c.logprobs,
+                },
+            });
+        }
+    }
+    if choices.len() > limits.max_batch_size {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} choices in total exceed the batch limit of {}",
+                choices.len(),
+                limits.max_batch_size
+            ),
+        ));
+    }
+    let parsed = parse_interventions(c.state, c.model, interventions)?;
+    let resolved_interventions = parsed
+        .iter()
+        .map(|i| {
+            let mut v = json!({"type": i.name()});
+            if let (Some(obj), Value::Object(params)) = (v.as_object_mut(), i.resolved()) {
+                obj.extend(params);
+            }
+            v
+        })
+        .collect();
+    Ok(ValidatedRequest {
+        engine,
+        choices,
+        interventions: Arc::new(parsed),
+        resolved_interventions,
+        stream,
+        include_usage: include_usage.unwrap_or(false),
+        logprobs: c.logprobs,
+        prompt_tokens,
+    })
+}
+
+fn parse_interventions(
+    state: &AppState,
+    model: &Model,
+    specs: &[Value],
+) -> Result<Vec<Box<dyn Intervention>>, ApiError> {
+    if specs.len() > state.limits.max_interventions {
+        return Err(ApiError::invalid(
+            "interventions",
+            format!(
+                "At most {} interventions per request",
+                state.limits.max_interventions
+            ),
+        ));
+    }
+    let cfg = model.decoder.config();
+    let shape = ModelShape {
+        num_layers: cfg.num_layers,
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        kind: ModelKind::Llm,
+    };
+    attune_interventions::parse_all(specs, &shape)
+        .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))
+}
+
+/// Sampling settings, stop strings and `n`.
+fn sampling(
+    state: &AppState,
+    model: &Model,
+    s: &SamplingFields,
+) -> Result<(SamplingParams, Vec<String>, usize), ApiError> {
+    let range =
+        |field: &str, v: Option<f64>, lo: f64, hi: f64, default: f64| -> Result<f32, ApiError> {
+            let v = v.unwrap_or(default);
+            if !(lo..=hi).contains(&v) {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("must be between {lo} and {hi} (got {v})"),
+                ));
+            }
+            Ok(v as f32)
+        };
+    let top_p = range("top_p", s.top_p, 0.0, 1.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(ApiError::invalid("top_p", "must be greater than 0"));
+    }
+    let repetition_penalty = range("repetition_penalty", s.repetition_penalty, 0.0, 10.0, 1.0)?;
+    if repetition_penalty == 0.0 {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            "must be greater than 0",
+        ));
+    }
+    let top_k = match s.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("must be -1, 0 (off) or positive (got {k})"),
+            ))
+        }
+    };
+    let vocab = model.decoder.config().vocab_size;
+    let mut logit_bias = Vec::new();
+    for (token, bias) in s.logit_bias.iter().flatten() {
+        let id: u32 = token
+            .parse()
+            .ok()
+            .filter(|&id| (id as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("`{token}` is not a token id below {vocab}"),
+                )
+            })?;
+        let bias = range("logit_bias", Some(*bias), -100.0, 100.0, 0.0)?;
+        logit_bias.push((id, bias));
+    }
+    let params = SamplingParams {
+        temperature: range("temperature", s.temperature, 0.0, 2.0, 1.0)?,
+        top_p,
+        top_k,
+        min_p: range("min_p", s.min_p, 0.0, 1.0, 0.0)?,
+        repetition_penalty,
+        presence_penalty: range("presence_penalty", s.presence_penalty, -2.0, 2.0, 0.0)?,
+        frequency_penalty: range("frequency_penalty", s.frequency_penalty, -2.0, 2.0, 0.0)?,
+        seed: s.seed.map(|v| v as u64),
+        logit_bias,
+    };
+    let stop = match &s.stop {
+        None => Vec::new(),
+        Some(StopSpec::One(one)) => vec![one.clone()],
+        Some(StopSpec::Many(many)) => many.clone(),
+    };
+    if stop.len() > state.limits.max_stop_strings {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("At most {} stop strings", state.limits.max_stop_strings),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "Stop strings cannot be empty"));
+    }
+    let n = bounded("n", s.n.unwrap_or(1), 1, state.limits.max_n as u64)? as usize;
+    Ok((params, stop, n))
+}
+
+fn bounded(field: &str, v: u64, lo: u64, hi: u64) -> Result<u64, ApiError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("must be between {lo} and {hi} (got {v})"),
+        ))
+    }
+}
+
+/// Messages as the chat template sees them: roles checked, text parts joined, images refused
+/// (no vision model is served yet).
+fn chat_messages(req: &ChatCompletionRequest) -> Result<Vec<Value>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "At least one message is required",
+        ));
+    }
+    req.messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role =
+                match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "Unsupported role `{other}` (use system, developer, user or assistant)"
+                        ),
+                    )),
+                };
+            let content = match &m.content {
+                None if role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].content"),
+                        "is required",
+                    ))
+                }
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, part) in parts.iter().enumerate() {
+                        match part {
+                            ContentPart::Text { text } => texts.push(text.as_str()),
+                            ContentPart::ImageUrl { .. } => {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content[{j}]"),
+                                    format!(
+                                        "The model `{}` is text-only and cannot take image inputs",
+                                        req.model.as_deref().unwrap_or("default")
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    texts.join("\n")
+                }
+            };
+            Ok(json!({"role": role, "content": content}))
+        })
+        .collect()
+}
+
+fn completion_prompts(
+    model: &Model,
+    prompt: Option<&PromptSpec>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| {
+        model
+            .completion_prompt(text)
+            .map_err(|e| ApiError::invalid("prompt", format!("{e:#}")))
+    };
+    let vocab = model.decoder.config().vocab_size;
+    let check_ids = |ids: &Vec<u32>| match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(ApiError::invalid(
+            "prompt",
+            format!("Token id {bad} is not below the vocabulary size {vocab}"),
+        )),
+        None => Ok(ids.clone()),
+    };
+    let prompts = match prompt {
+        None => return Err(ApiError::invalid("prompt", "is required")),
+        Some(PromptSpec::Text(t)) => vec![encode(t)?],
+        Some(PromptSpec::Texts(ts)) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Some(PromptSpec::Tokens(ids)) => vec![check_ids(ids)?],
+        Some(PromptSpec::TokenLists(lists)) => {
+            lists.iter().map(check_ids).collect::<Result<_, _>>()?
+        }
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "The prompt list is empty"));
+    }
+    Ok(prompts)
+}

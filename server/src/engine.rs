@@ -1,0 +1,392 @@
+//! The engine: one scheduler thread per model running continuous batching.
+//!
+//! Requests join the running batch at step boundaries (as long as the batch has room) and leave
+//! it when they finish or their client goes away. Each sequence carries its own sampling
+//! settings and intervention hooks, so requests with different interventions share one decoder
+//! step. Compute runs on this dedicated thread, never on the async runtime.
+
+use crate::metrics::Metrics;
+use crate::sequence::{GenerationParams, Sequence, StepOutput};
+use attune_interventions::Intervention;
+use attune_models::{
+    AttentionSite, HookPoint, HookStack, Model, RowSite, SequenceHooks, SequenceStep,
+};
+use candle_core::{Result as CandleResult, Tensor};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One choice of a request: its prompt and settings (`n` > 1 or a list of prompts gives several).
+pub struct ChoiceSpec {
+    pub prompt: Vec<u32>,
+    pub params: GenerationParams,
+}
+
+pub struct GenerationRequest {
+    pub choices: Vec<ChoiceSpec>,
+    pub interventions: Arc<Vec<Box<dyn Intervention>>>,
+    pub events: UnboundedSender<EngineEvent>,
+    pub arrived: Instant,
+}
+
+#[derive(Debug)]
+pub enum EngineEvent {
+    Step { choice: usize, output: StepOutput },
+    Failed { message: String },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub max_batch_size: usize,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Handle to a model's scheduler.
+pub struct Engine {
+    pub model_id: String,
+    pub model: Arc<Model>,
+    submit: mpsc::Sender<GenerationRequest>,
+    queued: Arc<AtomicUsize>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    pub fn start(
+        model_id: String,
+        model: Arc<Model>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<Self>> {
+        let (submit, requests) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let scheduler = Scheduler {
+            model_id: model_id.clone(),
+            model: model.clone(),
+            requests,
+            queued: queued.clone(),
+            config,
+            metrics: metrics.clone(),
+            running: Vec::new(),
+            waiting: None,
+        };
+        std::thread::Builder::new()
+            .name(format!("attune-engine-{model_id}"))
+            .spawn(move || scheduler.run())?;
+        Ok(Arc::new(Self {
+            model_id,
+            model,
+            submit,
+            queued,
+            config,
+            metrics,
+        }))
+    }
+
+    /// Queues a request; its events arrive on `request.events`.
+    pub fn submit(&self, request: GenerationRequest) -> Result<(), SubmitError> {
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.config.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        for i in request.interventions.iter() {
+            self.metrics
+                .intervention_requests
+                .with_label_values(&[i.name()])
+                .inc();
+        }
+        self.submit.send(request).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })?;
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&self.model_id])
+            .set(self.queued.load(Ordering::SeqCst) as i64);
+        Ok(())
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+}
+
+/// A sequence in the running batch.
+struct Running {
+    choice: usize,
+    seq: Sequence,
+    hooks: Option<HookStack>,
+    hook_time: Vec<(&'static str, Arc<AtomicU64>)>,
+    events: UnboundedSender<EngineEvent>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+struct Scheduler {
+    model_id: String,
+    model: Arc<Model>,
+    requests: mpsc::Receiver<GenerationRequest>,
+    queued: Arc<AtomicUsize>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    running: Vec<Running>,
+    /// A request that did not fit into the batch yet; it goes first next time.
+    waiting: Option<GenerationRequest>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_none() {
+                match self.requests.recv() {
+                    Ok(r) => self.waiting = Some(r),
+                    Err(_) => return, // every handle is gone: shut down
+                }
+            }
+            self.admit();
+            // A closed channel means the client went away: free its slot now.
+            self.running.retain(|r| !r.events.is_closed());
+            self.update_gauges();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        loop {
+            let request = match self.waiting.take() {
+                Some(r) => r,
+                None => match self.requests.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                },
+            };
+            if request.events.is_closed() {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            let fits = self.running.len() + request.choices.len() <= self.config.max_batch_size;
+            if !fits && !self.running.is_empty() {
+                self.waiting = Some(request);
+                return;
+            }
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.start_request(request);
+        }
+    }
+
+    fn start_request(&mut self, request: GenerationRequest) {
+        let tokenizer = &self.model.tokenizer;
+        let context = self.model.decoder.config().max_position_embeddings;
+        for (choice, spec) in request.choices.into_iter().enumerate() {
+            self.metrics
+                .prompt_tokens
+                .with_label_values(&[&self.model_id])
+                .inc_by(spec.prompt.len() as u64);
+            let mut hook_time = Vec::new();
+            let hooks = (!request.interventions.is_empty()).then(|| {
+                HookStack(
+                    request
+                        .interventions
+                        .iter()
+                        .map(|i| {
+                            let spent = Arc::new(AtomicU64::new(0));
+                            hook_time.push((i.name(), spent.clone()));
+                            Box::new(TimedHooks {
+                                inner: i.hooks(),
+                                spent_nanos: spent,
+                            }) as Box<dyn SequenceHooks>
+                        })
+                        .collect(),
+                )
+            });
+            let seq = Sequence::new(
+                spec.prompt,
+                spec.params,
+                self.model.decoder.new_cache(),
+                tokenizer.stop_ids().clone(),
+                context,
+            );
+            self.running.push(Running {
+                choice,
+                seq,
+                hooks,
+                hook_time,
+                events: request.events.clone(),
+                arrived: request.arrived,
+                last_token: None,
+            });
+        }
+    }
+
+    /// One decoder step for the whole batch, then sampling and events per sequence.
+    fn step(&mut self) {
+        let start = Instant::now();
+        let batch = self.running.len();
+        let result = forward(&self.model, &mut self.running);
+        self.metrics
+            .step_duration
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .batch_size
+            .with_label_values(&[&self.model_id])
+            .observe(batch as f64);
+        let logits = match result {
+            Ok(logits) => logits.into_iter().map(Ok).collect::<Vec<_>>(),
+            // The caches only advance after a whole step succeeds, so each sequence can be
+            // retried alone: only the one that fails by itself is dropped.
+            Err(e) if batch > 1 => {
+                tracing::warn!(model = %self.model_id, "batched step failed ({e}); retrying one by one");
+                self.running
+                    .iter_mut()
+                    .map(|r| forward(&self.model, std::slice::from_mut(r)).map(|mut l| l.remove(0)))
+                    .collect()
+            }
+            Err(e) => vec![Err(e)],
+        };
+        let now = Instant::now();
+        let mut still_running = Vec::with_capacity(batch);
+        let running = std::mem::take(&mut self.running);
+        for (mut r, logits) in running.into_iter().zip(logits) {
+            let output = logits.map_err(|e| e.to_string()).and_then(|row| {
+                r.seq
+                    .on_logits(&row, &self.model.tokenizer)
+                    .map_err(|e| e.to_string())
+            });
+            match output {
+                Ok(output) => {
+                    match r.last_token {
+                        None => self
+                            .metrics
+                            .time_to_first_token
+                            .with_label_values(&[&self.model_id])
+                            .observe(now.duration_since(r.arrived).as_secs_f64()),
+                        Some(t) => self
+                            .metrics
+                            .inter_token_latency
+                            .with_label_values(&[&self.model_id])
+                            .observe(now.duration_since(t).as_secs_f64()),
+                    }
+                    r.last_token = Some(now);
+                    self.metrics
+                        .generated_tokens
+                        .with_label_values(&[&self.model_id])
+                        .inc();
+                    let finished = output.finished.is_some();
+                    let _ = r.events.send(EngineEvent::Step {
+                        choice: r.choice,
+                        output,
+                    });
+                    if finished {
+                        self.record_hook_time(&r);
+                    } else {
+                        still_running.push(r);
+                    }
+                }
+                Err(message) => {
+                    tracing::error!(model = %self.model_id, "sequence failed: {message}");
+                    let _ = r.events.send(EngineEvent::Failed { message });
+                }
+            }
+        }
+        self.running = still_running;
+    }
+
+    fn record_hook_time(&self, r: &Running) {
+        for (name, nanos) in &r.hook_time {
+            self.metrics
+                .intervention_hook_seconds
+                .with_label_values(&[self.model_id.as_str(), name])
+                .inc_by(nanos.load(Ordering::Relaxed) as f64 / 1e9);
+        }
+    }
+
+    fn update_gauges(&self) {
+        let id = &[self.model_id.as_str()];
+        self.metrics
+            .queue_depth
+            .with_label_values(id)
+            .set(self.queued.load(Ordering::SeqCst) as i64);
+        self.metrics
+            .running_sequences
+            .with_label_values(id)
+            .set(self.running.len() as i64);
+        let kv: usize = self.running.iter().map(|r| r.seq.cache_bytes()).sum();
+        self.metrics
+            .kv_cache_bytes
+            .with_label_values(id)
+            .set(kv as i64);
+    }
+}
+
+/// Runs the decoder on `running` and returns each sequence's last-position logits.
+fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<Vec<f32>>> {
+    let mut steps: Vec<SequenceStep> = running
+        .iter_mut()
+        .map(|r| {
+            let input = r.seq.next_input();
+            let mut step = SequenceStep::new(input, r.seq.cache_mut());
+            step.hooks = r.hooks.as_mut().map(|h| h as &mut dyn SequenceHooks);
+            step
+        })
+        .collect();
+    let logits = model.decoder.forward(&mut steps)?;
+    logits
+        .into_iter()
+        .map(|l| {
+            l.ok_or_else(|| candle_core::Error::msg("missing logits"))?
+                .squeeze(0)?
+                .to_vec1::<f32>()
+        })
+        .collect()
+}
+
+/// Measures the time an intervention's hooks take (for `attune_intervention_hook_seconds`).
+struct TimedHooks {
+    inner: Box<dyn SequenceHooks>,
+    spent_nanos: Arc<AtomicU64>,
+}
+
+impl TimedHooks {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut dyn SequenceHooks) -> T) -> T {
+        let start = Instant::now();
+        let out = f(self.inner.as_mut());
+        self.spent_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl SequenceHooks for TimedHooks {
+    fn wants(&self, point: HookPoint, layer: usize) -> bool {
+        self.inner.wants(point, layer)
+    }
+    fn scores(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
+        self.timed(|h| h.scores(site, t))
+    }
+    fn probs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
+        self.timed(|h| h.probs(site, t))
+    }
+    fn head_outputs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
+        self.timed(|h| h.head_outputs(site, t))
+    }
+    fn mlp_output(&mut self, site: &RowSite, t: Tensor) -> CandleResult<Tensor> {
+        self.timed(|h| h.mlp_output(site, t))
+    }
+    fn residual(&mut self, site: &RowSite, t: Tensor) -> CandleResult<Tensor> {
+        self.timed(|h| h.residual(site, t))
+    }
+    fn select_keys(&mut self, site: &AttentionSite) -> CandleResult<Option<Tensor>> {
+        self.timed(|h| h.select_keys(site))
+    }
+}
