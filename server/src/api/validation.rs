@@ -382,18 +382,19 @@ fn chat_messages(req: &ChatCompletionRequest) -> Result<Vec<Value>, ApiError> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let role =
-                match m.role.as_str() {
-                    "system" | "developer" => "system",
-                    "user" => "user",
-                    "assistant" => "assistant",
-                    other => return Err(ApiError::invalid(
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
                         format!("messages[{i}].role"),
                         format!(
                             "Unsupported role `{other}` (use system, developer, user or assistant)"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let content = match &m.content {
                 None if role == "assistant" => String::new(),
                 None => {
