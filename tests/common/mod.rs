@@ -1,3 +1,6 @@
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
 //! Helpers shared by the end-to-end tests.
 
 use std::path::PathBuf;
