@@ -152,7 +152,13 @@ impl DecoderConfig {
             ),
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        let rope_scaling = match raw.rope_scaling {
+        // transformers >= 5 writes `rope_parameters` (theta included) instead of
+        // `rope_theta` + `rope_scaling`.
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .unwrap_or(10_000.0);
+        let rope_scaling = match raw.rope_scaling.or(raw.rope_parameters) {
             None => None,
             Some(s) => match s.rope_type.as_deref().or(s.kind.as_deref()) {
                 Some("llama3") => Some(Llama3RopeScaling {
@@ -179,7 +185,7 @@ impl DecoderConfig {
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             rope_layout: RopeLayout::Halves,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
@@ -210,6 +216,7 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f32>,
     rope_scaling: Option<HfRopeScaling>,
+    rope_parameters: Option<HfRopeScaling>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -218,6 +225,7 @@ struct HfConfig {
 
 #[derive(Deserialize)]
 struct HfRopeScaling {
+    rope_theta: Option<f32>,
     rope_type: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,

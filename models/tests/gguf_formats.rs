@@ -1,0 +1,169 @@
+//! GGUF loading in every weight format we serve: a seeded dense model is written as GGUF with
+//! its matrices quantized to each format, loaded back through our GGUF path, and compared with
+//! the dense original. Layout or dequantization bugs show as errors near 100%; quantization
+//! noise stays within the per-format bound.
+
+use attune_models::arch::RopeLayout;
+use attune_models::convert::gguf_to_hf_dir;
+use attune_models::gguf::GgufFile;
+use attune_models::linear::Linear;
+use attune_models::safetensors::load_decoder;
+use attune_models::testing::{random_decoder, tiny_config};
+use attune_models::{Decoder, DecoderConfig, WeightName};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+
+/// Dimensions that K-quants accept (rows of 256 values).
+fn config() -> DecoderConfig {
+    DecoderConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        vocab_size: 64,
+        rope_layout: RopeLayout::Interleaved,
+        ..tiny_config()
+    }
+}
+
+fn dense(linear: &Linear) -> Tensor {
+    match linear.weight() {
+        QMatMul::Tensor(t) => t.clone(),
+        other => panic!("expected a dense weight, got {other:?}"),
+    }
+}
+
+fn write_gguf(model: &Decoder, matrices: GgmlDType, path: &std::path::Path) {
+    let cfg = model.config();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: WeightName, t: &Tensor, dtype: GgmlDType| {
+        tensors.push((name.gguf(), QTensor::quantize(t, dtype).unwrap()));
+    };
+    put(WeightName::Embedding, model.embedding_table(), matrices);
+    put(WeightName::FinalNorm, model.final_norm(), GgmlDType::F32);
+    for (l, layer) in model.layers().iter().enumerate() {
+        put(WeightName::AttnNorm(l), &layer.attn_norm, GgmlDType::F32);
+        put(WeightName::FfnNorm(l), &layer.ffn_norm, GgmlDType::F32);
+        for (name, linear) in [
+            (WeightName::Q(l), &layer.q),
+            (WeightName::K(l), &layer.k),
+            (WeightName::V(l), &layer.v),
+            (WeightName::O(l), &layer.o),
+            (WeightName::Gate(l), &layer.gate),
+            (WeightName::Up(l), &layer.up),
+            (WeightName::Down(l), &layer.down),
+        ] {
+            put(name, &dense(linear), matrices);
+        }
+    }
+    use gguf_file::Value;
+    let u32v = |v: usize| Value::U32(v as u32);
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", u32v(cfg.hidden_size)),
+        ("llama.feed_forward_length", u32v(cfg.intermediate_size)),
+        ("llama.block_count", u32v(cfg.num_layers)),
+        ("llama.attention.head_count", u32v(cfg.num_heads)),
+        ("llama.attention.head_count_kv", u32v(cfg.num_kv_heads)),
+        ("llama.context_length", u32v(cfg.max_position_embeddings)),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        // A minimal byte-level vocabulary (one merge) so that the converter can write a tokenizer.
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", Value::Array(vocab(cfg.vocab_size))),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(vec![Value::String("! \"".into())]),
+        ),
+    ];
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+}
+
+fn vocab(size: usize) -> Vec<gguf_file::Value> {
+    let mut tokens = vec!["!\"".to_string()];
+    tokens.extend((33u8..).take(size - 1).map(|b| (b as char).to_string()));
+    tokens.into_iter().map(gguf_file::Value::String).collect()
+}
+
+/// max |logit difference| relative to the largest reference logit, over a short generation.
+fn relative_error(reference: &Decoder, loaded: &Decoder) -> f32 {
+    let (mut a, mut b) = (reference.new_cache(), loaded.new_cache());
+    let mut worst = 0f32;
+    for tokens in [&[1u32, 7, 19, 33, 2][..], &[40], &[41], &[63]] {
+        let want: Vec<f32> = reference
+            .forward_one(tokens, &mut a, None)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got: Vec<f32> = loaded
+            .forward_one(tokens, &mut b, None)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        let diff = want
+            .iter()
+            .zip(&got)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
+/// Errors of the GGUF path in `dtype` against (the dense original, the same weights
+/// dequantized by our converter and run densely through the safetensors path).
+fn errors(dtype: GgmlDType) -> (f32, f32) {
+    let original = random_decoder(&config(), 21, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&original, dtype, &path);
+    let loaded = GgufFile::open(&path)
+        .unwrap()
+        .load_decoder(&Device::Cpu)
+        .unwrap();
+    assert_eq!(loaded.config().rope_layout, RopeLayout::Interleaved);
+    let hf_dir = dir.path().join("hf");
+    gguf_to_hf_dir(&path, &hf_dir).unwrap();
+    let dequantized = load_decoder(&hf_dir, &Device::Cpu).unwrap();
+    assert_eq!(dequantized.config().rope_layout, RopeLayout::Halves);
+    (
+        relative_error(&original, &loaded),
+        relative_error(&dequantized, &loaded),
+    )
+}
+
+#[test]
+fn every_served_format_loads_and_computes_the_same_model() {
+    // Against the original, quantizing the weights costs up to ~1/16 per matrix at 4 bits;
+    // against the same weights dequantized, only the kernels' 8-bit activations differ. A
+    // layout or dequantization bug gives errors near 1 in both.
+    let cases = [
+        (GgmlDType::F32, 1e-5, 1e-5),
+        (GgmlDType::F16, 5e-3, 1e-5),
+        (GgmlDType::Q8_0, 4e-2, 4e-2),
+        (GgmlDType::Q6K, 8e-2, 4e-2),
+        (GgmlDType::Q4K, 0.25, 4e-2),
+        (GgmlDType::Q4_1, 0.25, 4e-2),
+        (GgmlDType::Q4_0, 0.25, 4e-2),
+    ];
+    for (dtype, vs_original, vs_dequantized) in cases {
+        let (a, b) = errors(dtype);
+        println!("{dtype:?}: relative logit error {a:.2e} vs the original, {b:.2e} vs dequantized");
+        assert!(
+            a < vs_original,
+            "{dtype:?}: {a} vs the original exceeds {vs_original}"
+        );
+        assert!(
+            b < vs_dequantized,
+            "{dtype:?}: {b} vs dequantized exceeds {vs_dequantized}"
+        );
+    }
+}
