@@ -31,6 +31,28 @@ fn converted_model_answers_paris_through_the_cli() {
     ]);
     assert_eq!(stdout(&out).trim(), "The capital of France is Paris.");
     assert!(stderr(&out).contains("finish: Stop"), "{}", stderr(&out));
+
+    // The same directory found offline by hub id, laid out as the Hugging Face cache does.
+    let hub = dir.path().join("hub");
+    let repo = hub.join("models--test-org--smollm2-f32");
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::os::unix::fs::symlink(&out_dir, repo.join("snapshots/0123abc")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abc").unwrap();
+    let out = attune()
+        .args([
+            "generate",
+            "--model",
+            "test-org/smollm2-f32",
+            "--chat",
+            "--prompt",
+        ])
+        .args(["What is the capital of France?", "--max-tokens", "20"])
+        .env("HF_HUB_CACHE", &hub)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "The capital of France is Paris.");
 }
 
 #[test]

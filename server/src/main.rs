@@ -34,7 +34,8 @@ enum Command {
     /// Manage models.
     #[command(subcommand)]
     Models(ModelsCommand),
-    /// Measure prefill and decode speed against candle's quantized_llama on the same GGUF.
+    /// Measure prefill and decode speed against candle's quantized_llama on the same GGUF, or
+    /// (with --serve) aggregate throughput and latency of the HTTP server under load.
     Bench(BenchArgs),
 }
 
@@ -105,6 +106,21 @@ struct BenchArgs {
     decode_tokens: usize,
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Load-test the HTTP server instead (started in-process unless --url is given).
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: a running server to test instead of starting one.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --serve: concurrent streams per level.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// With --serve: requests each stream sends per level.
+    #[arg(long, default_value_t = 2)]
+    requests_per_stream: usize,
+    /// With --serve: tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
 }
 
 fn main() {
@@ -154,6 +170,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out_dir.display());
         }
         Command::Generate(args) => run_generate(&load_first_model()?, args)?,
+        Command::Bench(args) if args.serve => attune_server::bench_serve::run(
+            args.url,
+            config,
+            &attune_server::bench_serve::LoadConfig {
+                concurrency: args.concurrency,
+                requests_per_stream: args.requests_per_stream.max(1),
+                max_tokens: args.max_tokens,
+            },
+        )?,
         Command::Bench(args) => bench::run(
             &load_first_model()?,
             &BenchConfig {

@@ -1,0 +1,162 @@
+//! `attune bench --serve`: load on a real server over HTTP. Streams chat requests at several
+//! concurrency levels and reports aggregate generated tokens/s and latency percentiles.
+
+use anyhow::{bail, Context, Result};
+use attune_config::AttuneConfig;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub concurrency: Vec<usize>,
+    /// Requests per stream at each level.
+    pub requests_per_stream: usize,
+    pub max_tokens: usize,
+}
+
+struct Sample {
+    latency: Duration,
+    first_token: Duration,
+    tokens: usize,
+}
+
+/// Runs against `url`, or against a server started in this process from `config`.
+pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Result<()> {
+    let base = match url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => start_local_server(config)?,
+    };
+    wait_ready(&base)?;
+    println!(
+        "server: {base} | {} generated tokens per request (greedy, chat) | {} requests per stream",
+        load.max_tokens, load.requests_per_stream
+    );
+    println!("| concurrent streams | requests | aggregate tok/s | per-stream tok/s | p50 latency s | p99 latency s | p50 TTFT s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut single = None;
+    for &streams in &load.concurrency {
+        let started = Instant::now();
+        let samples: Vec<Sample> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..streams)
+                .map(|w| {
+                    let base = &base;
+                    s.spawn(move || -> Result<Vec<Sample>> {
+                        (0..load.requests_per_stream)
+                            .map(|r| one_request(base, w * 1000 + r, load.max_tokens))
+                            .collect()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("worker thread"))
+                .collect::<Result<Vec<_>>>()
+                .map(|v| v.into_iter().flatten().collect())
+        })?;
+        let wall = started.elapsed().as_secs_f64();
+        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+        let aggregate = tokens as f64 / wall;
+        single.get_or_insert(aggregate);
+        let pct = |f: fn(&Sample) -> Duration, p: f64| {
+            let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64()).collect();
+            v.sort_by(f64::total_cmp);
+            v[((v.len() - 1) as f64 * p).round() as usize]
+        };
+        println!(
+            "| {streams} | {} | {aggregate:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
+            samples.len(),
+            aggregate / streams as f64,
+            pct(|s| s.latency, 0.5),
+            pct(|s| s.latency, 0.99),
+            pct(|s| s.first_token, 0.5),
+        );
+    }
+    Ok(())
+}
+
+fn start_local_server(mut config: AttuneConfig) -> Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    config.server.host = "127.0.0.1".into();
+    config.server.port = port;
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        if let Err(e) = runtime.block_on(crate::serve::serve(config)) {
+            eprintln!("attune: bench server failed: {e:#}");
+        }
+    });
+    Ok(format!("http://127.0.0.1:{port}"))
+}
+
+fn wait_ready(base: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(r) = agent().get(&format!("{base}/ready")).call() {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("{base} did not become ready")
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// One streamed chat request; distinct prompts so that no two requests are alike.
+fn one_request(base: &str, n: usize, max_tokens: usize) -> Result<Sample> {
+    let body = json!({
+        "messages": [{"role": "user", "content": format!("Write a short story about a lighthouse keeper, number {n}.")}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let start = Instant::now();
+    let mut response = agent()
+        .post(&format!("{base}/v1/chat/completions"))
+        .send_json(&body)
+        .context("request failed")?;
+    if response.status() != 200 {
+        bail!(
+            "server answered {}: {}",
+            response.status(),
+            response.body_mut().read_to_string()?
+        );
+    }
+    let mut first_token = None;
+    let mut tokens = 0;
+    for line in BufReader::new(response.body_mut().as_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data)?;
+        if first_token.is_none()
+            && chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        {
+            first_token = Some(start.elapsed());
+        }
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        }
+    }
+    let latency = start.elapsed();
+    Ok(Sample {
+        latency,
+        first_token: first_token.unwrap_or(latency),
+        tokens,
+    })
+}
