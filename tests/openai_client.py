@@ -83,4 +83,17 @@ try:
 except openai.NotFoundError as e:
     assert e.body["code"] == "model_not_found", e.body
 
+# The OpenAPI document is a valid OpenAPI 3.1 description of every route.
+import json
+import urllib.request
+
+from openapi_spec_validator import validate
+
+spec = json.load(urllib.request.urlopen(base + "/openapi.json"))
+validate(spec)
+for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/interventions", "/health", "/metrics"):
+    assert path in spec["paths"], path
+variants = spec["components"]["schemas"]["Intervention"]["oneOf"]
+assert any(v["properties"]["type"]["const"] == "zerotuning" for v in variants)
+
 print("openai client: all checks passed")

@@ -6,7 +6,7 @@ use common::Server;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// A Python with the `openai` package: `ATTUNE_TEST_PYTHON`, or a venv under target/ that is
+/// A Python with the `openai` and `openapi-spec-validator` packages: `ATTUNE_TEST_PYTHON`, or a venv under target/ that is
 /// created (with pip) on first use.
 fn python_with_openai() -> PathBuf {
     if let Some(python) = std::env::var_os("ATTUNE_TEST_PYTHON") {
@@ -14,13 +14,13 @@ fn python_with_openai() -> PathBuf {
     }
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-venv");
     let python = venv.join("bin/python3");
-    let has_openai = |p: &PathBuf| {
+    let has_packages = |p: &PathBuf| {
         Command::new(p)
-            .args(["-c", "import openai"])
+            .args(["-c", "import openai, openapi_spec_validator"])
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !has_openai(&python) {
+    if !has_packages(&python) {
         let ok = Command::new("python3")
             .arg("-m")
             .arg("venv")
@@ -35,12 +35,13 @@ fn python_with_openai() -> PathBuf {
                     "--quiet",
                     "--disable-pip-version-check",
                     "openai",
+                    "openapi-spec-validator",
                 ])
                 .status()
                 .is_ok_and(|s| s.success());
         assert!(
-            ok && has_openai(&python),
-            "cannot set up a Python venv with `openai` in {}",
+            ok && has_packages(&python),
+            "cannot set up a Python venv with the test packages in {}",
             venv.display()
         );
     }

@@ -506,3 +506,28 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         "still accepting after exit"
     );
 }
+
+#[test]
+fn every_route_in_the_openapi_document_is_served() {
+    let server = Server::start(DEFAULT_CONFIG, &[]);
+    let (status, doc) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 9);
+    for (path, ops) in paths {
+        let url = server.url(&path.replace("{id}", "SmolLM2-135M-Instruct.Q4_1"));
+        for method in ops.as_object().unwrap().keys() {
+            let mut r = match method.as_str() {
+                "get" => agent().get(&url).call().unwrap(),
+                "post" => agent().post(&url).send_json(json!({})).unwrap(),
+                other => panic!("unexpected method {other}"),
+            };
+            let body = r.body_mut().read_to_string().unwrap();
+            assert!(
+                !body.contains("No route for"),
+                "{method} {path} is documented but not served"
+            );
+        }
+    }
+}

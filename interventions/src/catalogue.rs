@@ -20,6 +20,8 @@ pub struct ParamInfo {
     pub default: serde_json::Value,
     pub range: &'static str,
     pub description: &'static str,
+    /// The same constraints as a JSON Schema fragment (used by the OpenAPI document).
+    pub schema: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +59,7 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     default: json!(1.0),
                     range: "[1e-6, 1e6]",
                     description: "Scale of the attention to the first token.",
+                    schema: json!({"type": "number", "minimum": 1e-6, "maximum": 1e6, "default": 1.0}),
                 },
                 ParamInfo {
                     name: "layers",
@@ -64,6 +67,7 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     default: json!(null),
                     range: "each in 0..num_layers; null = all layers",
                     description: "Decoder layers to apply gamma in.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
                 },
                 ParamInfo {
                     name: "heads",
@@ -71,6 +75,7 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     default: json!(null),
                     range: "each in 0..num_heads; null = all query heads",
                     description: "Query heads to apply gamma in (the same set in every layer).",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
                 },
                 ParamInfo {
                     name: "per_head",
@@ -78,6 +83,16 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     default: json!([]),
                     range: "layer/head as above, gamma in [1e-6, 1e6]",
                     description: "Per-(layer, head) gammas; override `gamma` where given.",
+                    schema: json!({"type": "array", "items": {
+                        "type": "object",
+                        "required": ["layer", "head", "gamma"],
+                        "additionalProperties": false,
+                        "properties": {
+                            "layer": {"type": "integer", "minimum": 0},
+                            "head": {"type": "integer", "minimum": 0},
+                            "gamma": {"type": "number", "minimum": 1e-6, "maximum": 1e6},
+                        },
+                    }}),
                 },
             ],
         },

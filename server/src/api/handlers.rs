@@ -78,6 +78,10 @@ pub async fn interventions() -> Json<Value> {
     Json(json!({"object": "list", "data": attune_interventions::catalogue()}))
 }
 
+pub async fn openapi() -> Json<Value> {
+    Json(crate::api::openapi::document())
+}
+
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::route_not_found(uri.path())
 }
@@ -229,6 +233,7 @@ async fn collect(
         }
     }
     let completion_tokens = choices.iter().map(|c| c.tokens).sum();
+    tracing::info!(id = %reply.id, completion_tokens, "request finished");
     let body_choices: Vec<Value> = choices
         .iter()
         .enumerate()

@@ -2,6 +2,7 @@
 
 pub mod error;
 mod handlers;
+pub mod openapi;
 pub mod state;
 pub mod types;
 pub mod validation;
@@ -21,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{id}", get(handlers::get_model))
         .route("/v1/interventions", get(handlers::interventions))
+        .route("/openapi.json", get(handlers::openapi))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .fallback(handlers::not_found)
