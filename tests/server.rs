@@ -156,6 +156,46 @@ fn interventions_are_per_request_echoed_and_neutral_parameters_change_nothing() 
         "gamma = 3 should change the answer"
     );
 
+    // ACT (prompt calibration by default) changes the answer too; beta = 1 is a no-op.
+    req["interventions"] = json!([{"type": "act", "beta": 1.0}]);
+    let (_, act_neutral) = server.post("/v1/chat/completions", &req);
+    assert_eq!(
+        plain["choices"][0]["logprobs"],
+        act_neutral["choices"][0]["logprobs"]
+    );
+    req["interventions"] = json!([{"type": "act", "beta": 0.0, "threshold": 0.05}]);
+    let (status, act) = server.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{act}");
+    assert_eq!(
+        act["interventions"][0]["layers"].as_array().unwrap().len(),
+        27
+    );
+    assert_ne!(
+        plain["choices"][0]["logprobs"], act["choices"][0]["logprobs"],
+        "ACT should change the model"
+    );
+
+    // DoLa rewrites the distribution the sampler sees; lambda = 0 without mask or penalty does not.
+    req["interventions"] = json!([{"type": "contrastive_decoding", "mode": "dola", "lambda": 0, "alpha": 0, "repetition_penalty": 1}]);
+    let (_, dola_neutral) = server.post("/v1/chat/completions", &req);
+    assert_eq!(
+        plain["choices"][0]["logprobs"],
+        dola_neutral["choices"][0]["logprobs"]
+    );
+    req["interventions"] =
+        json!([{"type": "contrastive_decoding", "mode": "dola", "layers": "low"}]);
+    let (status, dola) = server.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{dola}");
+    assert_eq!(
+        dola["interventions"][0]["layers"],
+        json!([2, 4, 6, 8, 10, 12, 14])
+    );
+    assert_ne!(
+        content(&plain),
+        content(&dola),
+        "DoLa should change the answer"
+    );
+
     let (status, catalogue) = server.get("/v1/interventions");
     assert_eq!(status, 200);
     let catalogue: Value = serde_json::from_str(&catalogue).unwrap();
@@ -349,8 +389,8 @@ fn sixteen_concurrent_streams_with_mixed_interventions_match_running_alone() {
     let interventions = [
         json!([]),
         json!([{"type": "zerotuning", "gamma": 2.0}]),
-        json!([{"type": "zerotuning", "gamma": 0.5, "layers": [0, 1, 2]}]),
-        json!([{"type": "zerotuning", "gamma": 1.0}]),
+        json!([{"type": "act"}, {"type": "zerotuning", "gamma": 0.5, "layers": [0, 1, 2]}]),
+        json!([{"type": "contrastive_decoding", "mode": "dola"}]),
     ];
     let requests: Vec<Value> = (0..16)
         .map(|i| {

@@ -96,21 +96,129 @@ pub fn catalogue() -> Vec<MethodInfo> {
                 },
             ],
         },
-        planned(
-            "act",
-            both(),
-            "ACT: attention calibration of hidden sinks (planned).",
-        ),
+        MethodInfo {
+            name: "act",
+            applies_to: both(),
+            implemented: true,
+            description: "ACT (Yu et al. 2024): in the chosen heads, keys drawing more than \
+                `threshold` of the attention on average are attention sinks; all but the first \
+                (normally the initial token) get their attention multiplied by beta, and the freed \
+                mass goes to the other keys in proportion to their weight. Sinks are detected per \
+                request. Defaults: all heads of layers 2..N-2 (the official per-model head lists \
+                were calibrated offline; `all` was not validated by the authors), prompt only.",
+            parameters: vec![
+                ParamInfo {
+                    name: "beta",
+                    kind: "number",
+                    default: json!(0.4),
+                    range: "[0, 1]; 1 = off",
+                    description: "Factor applied to the attention of the sinks after the first.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 1, "default": 0.4}),
+                },
+                ParamInfo {
+                    name: "threshold",
+                    kind: "number",
+                    default: json!(0.1),
+                    range: "(0, 1]; 1 = off (0.15 was used for chat)",
+                    description: "Average attention above which a key counts as a sink.",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.1}),
+                },
+                ParamInfo {
+                    name: "layers",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..num_layers; null = 2..N-2",
+                    description: "Layers to calibrate.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+                ParamInfo {
+                    name: "heads",
+                    kind: "array of [layer, head] | null",
+                    default: json!(null),
+                    range: "layers among `layers`, heads in 0..num_heads; null = all heads",
+                    description: "The (layer, head) pairs to calibrate.",
+                    schema: json!({"type": ["array", "null"], "items": {
+                        "type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2,
+                    }}),
+                },
+                ParamInfo {
+                    name: "decode",
+                    kind: "boolean",
+                    default: json!(false),
+                    range: "false: prompt only (classification setting); true: every step",
+                    description: "Also calibrate each generated token's attention.",
+                    schema: json!({"type": "boolean", "default": false}),
+                },
+            ],
+        },
         planned(
             "recycled_attention",
             both(),
             "Recycled Attention / RefreshKV: top-K KV reuse for long contexts (planned).",
         ),
-        planned(
-            "contrastive_decoding",
-            both(),
-            "Contrastive decoding: DoLa, amateur model, contrast prompt, VCD (planned).",
-        ),
+        MethodInfo {
+            name: "contrastive_decoding",
+            applies_to: both(),
+            implemented: true,
+            description: "Contrastive decoding; `mode` picks the contrast. Implemented: `dola` \
+                (Chuang et al. 2024): the final layer against the premature layer (chosen each \
+                step by Jensen-Shannon divergence) of the same pass; score = log p_final - \
+                lambda * log p_premature over tokens with p_final >= alpha * max p_final, then the \
+                repetition penalty. Not implemented yet: `amateur`, `prompt`, `image_noise`. \
+                lambda = 0, alpha = 0 and repetition_penalty = 1 give the base distribution.",
+            parameters: vec![
+                ParamInfo {
+                    name: "mode",
+                    kind: "string",
+                    default: json!(null),
+                    range: "\"dola\" (required)",
+                    description: "Which contrast to use.",
+                    schema: json!({"enum": ["dola"]}),
+                },
+                ParamInfo {
+                    name: "layers",
+                    kind: "\"low\" | \"high\" | array of integers",
+                    default: json!("high"),
+                    range: "depths in 0..num_layers (0 = embeddings)",
+                    description: "Candidate premature layers; \"high\" suits short factual \
+                        answers, \"low\" long reasoning (HF's buckets: step 2, split at N/2).",
+                    schema: json!({"oneOf": [{"enum": ["low", "high"]}, {"type": "array", "items": {"type": "integer", "minimum": 0}}], "default": "high"}),
+                },
+                ParamInfo {
+                    name: "alpha",
+                    kind: "number",
+                    default: json!(0.1),
+                    range: "[0, 1]; 0 = no plausibility mask",
+                    description: "Relative-top plausibility threshold.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 1, "default": 0.1}),
+                },
+                ParamInfo {
+                    name: "lambda",
+                    kind: "number",
+                    default: json!(1.0),
+                    range: "[0, 100]; 0 = no contrast",
+                    description: "Weight of the premature layer's log-probabilities.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 1.0}),
+                },
+                ParamInfo {
+                    name: "repetition_penalty",
+                    kind: "number",
+                    default: json!(1.2),
+                    range: "(0, 10]; 1 = off",
+                    description: "Applied to the contrast scores (the official DoLa setting).",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.2}),
+                },
+                ParamInfo {
+                    name: "premature_final_norm",
+                    kind: "boolean",
+                    default: json!(false),
+                    range: "",
+                    description: "Apply the final norm before lm_head on premature layers \
+                        (both reference implementations do not).",
+                    schema: json!({"type": "boolean", "default": false}),
+                },
+            ],
+        },
         planned(
             "var",
             vec![ModelKind::Vlm],

@@ -3,15 +3,20 @@
 //!
 //! The server parses the request's `interventions` list with [`parse_all`], installs
 //! [`Intervention::hooks`] on each sequence, and lists [`catalogue`] at `/v1/interventions`.
+//!
+//! Composition: whatever the order in the request, score hooks (ZeroTuning's bias) run before
+//! the softmax and probability hooks (ACT) after it, as the spec orders them.
 
+pub mod act;
 mod catalogue;
+pub mod contrastive;
 mod params;
 pub mod zerotuning;
 
 pub use catalogue::{catalogue, MethodInfo, ModelKind, ParamInfo};
 pub use params::InterventionError;
 
-use attune_models::SequenceHooks;
+use attune_models::{Decoder, SequenceHooks};
 use serde_json::Value;
 
 /// What an intervention needs to know about the model it runs on.
@@ -20,6 +25,7 @@ pub struct ModelShape {
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    pub tied_embeddings: bool,
     pub kind: ModelKind,
 }
 
@@ -29,8 +35,37 @@ pub trait Intervention: Send + Sync {
     fn name(&self) -> &'static str;
     /// The parameters with every default filled in, echoed back in responses.
     fn resolved(&self) -> Value;
-    /// Fresh hook state for one sequence.
-    fn hooks(&self) -> Box<dyn SequenceHooks>;
+    /// Fresh per-sequence state: decoder hooks and/or a logits processor.
+    fn install(&self) -> Installed;
+}
+
+/// What an intervention puts on one sequence.
+#[derive(Default)]
+pub struct Installed {
+    pub hooks: Option<Box<dyn SequenceHooks>>,
+    pub processor: Option<Box<dyn LogitsProcessor>>,
+}
+
+impl Installed {
+    pub fn hooks(hooks: impl SequenceHooks + 'static) -> Self {
+        Self {
+            hooks: Some(Box::new(hooks)),
+            processor: None,
+        }
+    }
+}
+
+/// Rewrites a step's last-position logits before sampling (contrastive decoding wraps the
+/// sampler this way). Runs after the decoder step, so it can read what the sequence's hooks
+/// captured during it.
+pub trait LogitsProcessor: Send {
+    /// `context` is every token so far (prompt and generated).
+    fn process(
+        &mut self,
+        logits: Vec<f32>,
+        decoder: &Decoder,
+        context: &[u32],
+    ) -> candle_core::Result<Vec<f32>>;
 }
 
 /// All method names the API accepts, implemented or not.
@@ -61,6 +96,8 @@ pub fn parse(spec: &Value, shape: &ModelShape) -> Result<Box<dyn Intervention>, 
         "zerotuning" => Ok(Box::new(zerotuning::ZeroTuning::from_request(
             params, shape,
         )?)),
+        "act" => Ok(Box::new(act::Act::from_request(params, shape)?)),
+        "contrastive_decoding" => Ok(Box::new(contrastive::Dola::from_request(params, shape)?)),
         other if METHOD_NAMES.contains(&other) => Err(InterventionError::new(
             "type",
             format!("intervention `{other}` is not implemented yet in this server"),

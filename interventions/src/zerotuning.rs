@@ -6,7 +6,7 @@
 //! add per head row. In our packed batches every sequence starts at key 0, so p0 = 0.
 
 use crate::params::{check_indices, from_value, InterventionError};
-use crate::{Intervention, ModelShape};
+use crate::{Installed, Intervention, ModelShape};
 use attune_models::{AttentionSite, HookPoint, SequenceHooks};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -128,8 +128,8 @@ impl Intervention for ZeroTuning {
         serde_json::to_value(self).expect("plain data serializes")
     }
 
-    fn hooks(&self) -> Box<dyn SequenceHooks> {
-        Box::new(ZeroTuningHooks {
+    fn install(&self) -> Installed {
+        Installed::hooks(ZeroTuningHooks {
             log_gamma: self.log_gamma.clone(),
         })
     }

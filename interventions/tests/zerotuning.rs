@@ -12,13 +12,14 @@ fn shape() -> ModelShape {
         num_layers: cfg.num_layers,
         num_heads: cfg.num_heads,
         num_kv_heads: cfg.num_kv_heads,
+        tied_embeddings: cfg.tie_word_embeddings,
         kind: ModelKind::Llm,
     }
 }
 
 fn logits_with(spec: Option<serde_json::Value>, tokens: &[u32]) -> Vec<Vec<f32>> {
     let m = random_decoder(&tiny_config(), 3, &Device::Cpu).unwrap();
-    let mut hooks = spec.map(|s| parse(&s, &shape()).unwrap().hooks());
+    let mut hooks = spec.map(|s| parse(&s, &shape()).unwrap().install().hooks.unwrap());
     let mut cache = m.new_cache();
     let mut out = vec![m
         .forward_one(tokens, &mut cache, hooks.as_deref_mut())
@@ -55,7 +56,7 @@ fn gamma_one_is_bit_identical_to_no_intervention() {
 
 /// Applies the hook to a known score row and returns softmax of the result.
 fn hooked_probs(spec: serde_json::Value, scores: &Tensor) -> Tensor {
-    let mut hooks = parse(&spec, &shape()).unwrap().hooks();
+    let mut hooks = parse(&spec, &shape()).unwrap().install().hooks.unwrap();
     assert!(hooks.wants(HookPoint::Scores, 0));
     let site = AttentionSite {
         layer: 0,
@@ -156,7 +157,7 @@ fn bad_parameters_name_the_field() {
         err(json!({"type": "zerotuning", "layers": [2]})).starts_with("interventions[0].layers:")
     );
     assert!(err(json!({"type": "zerotuning", "gama": 2})).starts_with("interventions[0].gama:"));
-    assert!(err(json!({"type": "act"})).contains("not implemented yet"));
+    assert!(err(json!({"type": "carve"})).contains("not implemented yet"));
     assert!(err(json!({"type": "nope"})).contains("unknown intervention"));
     assert!(err(json!({"gamma": 2})).starts_with("interventions[0].type:"));
     let twice = parse_all(

@@ -132,3 +132,25 @@ pub fn default_model_path() -> std::path::PathBuf {
     })
     .clone()
 }
+
+/// The default model converted to a dequantized f32 HF directory by our converter, cached
+/// beside the GGUF (written to a temporary name, then renamed, so it is never half there).
+pub fn converted_default_model() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = default_model_path();
+        let parent = gguf.parent().expect("the cache has a directory");
+        let dir = parent.join("SmolLM2-135M-Instruct-f32-test");
+        if !dir.join("model.safetensors").exists() {
+            let staging = tempfile::tempdir_in(parent).expect("a temporary directory in the cache");
+            crate::convert::gguf_to_hf_dir(&gguf, staging.path()).expect("conversion works");
+            let staged = staging.keep();
+            if std::fs::rename(&staged, &dir).is_err() {
+                // Another test process won the race; its copy is complete.
+                let _ = std::fs::remove_dir_all(&staged);
+            }
+        }
+        dir
+    })
+    .clone()
+}

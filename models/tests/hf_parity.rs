@@ -1,9 +1,8 @@
 //! The default model against HF transformers (fixtures from `fixtures/make_hf_fixtures.py`):
 //! tokenizer ids, chat template rendering, next-token log-probabilities and greedy text.
 
-use attune_models::convert::gguf_to_hf_dir;
 use attune_models::gguf::GgufFile;
-use attune_models::testing::default_model_path;
+use attune_models::testing::{converted_default_model, default_model_path};
 use attune_models::{Model, ModelSource, TextTokenizer};
 use candle_core::{Device, Tensor, D};
 use serde::Deserialize;
@@ -44,17 +43,11 @@ fn gguf_model() -> &'static Model {
     M.get_or_init(|| Model::load(&ModelSource::Gguf(default_model_path()), &Device::Cpu).unwrap())
 }
 
-/// The default model converted by `attune models convert` and loaded from safetensors.
+/// The default model converted by our converter and loaded from safetensors.
 fn converted_model() -> &'static Model {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| {
-        let dir = DIR.get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            gguf_to_hf_dir(&default_model_path(), dir.path()).unwrap();
-            dir
-        });
-        Model::load(&ModelSource::HfDir(dir.path().to_path_buf()), &Device::Cpu).unwrap()
+        Model::load(&ModelSource::HfDir(converted_default_model()), &Device::Cpu).unwrap()
     })
 }
 

@@ -7,7 +7,7 @@
 
 use crate::metrics::Metrics;
 use crate::sequence::{GenerationParams, Sequence, StepOutput};
-use attune_interventions::Intervention;
+use attune_interventions::{Intervention, LogitsProcessor};
 use attune_models::{
     AttentionSite, HookPoint, HookStack, Model, RowSite, SequenceHooks, SequenceStep,
 };
@@ -125,6 +125,8 @@ struct Running {
     choice: usize,
     seq: Sequence,
     hooks: Option<HookStack>,
+    /// Logits rewriters (contrastive decoding), applied in request order before sampling.
+    processors: Vec<Box<dyn LogitsProcessor>>,
     hook_time: Vec<(&'static str, Arc<AtomicU64>)>,
     events: UnboundedSender<EngineEvent>,
     arrived: Instant,
@@ -194,22 +196,21 @@ impl Scheduler {
                 .with_label_values(&[&self.model_id])
                 .inc_by(spec.prompt.len() as u64);
             let mut hook_time = Vec::new();
-            let hooks = (!request.interventions.is_empty()).then(|| {
-                HookStack(
-                    request
-                        .interventions
-                        .iter()
-                        .map(|i| {
-                            let spent = Arc::new(AtomicU64::new(0));
-                            hook_time.push((i.name(), spent.clone()));
-                            Box::new(TimedHooks {
-                                inner: i.hooks(),
-                                spent_nanos: spent,
-                            }) as Box<dyn SequenceHooks>
-                        })
-                        .collect(),
-                )
-            });
+            let mut hooks = Vec::new();
+            let mut processors = Vec::new();
+            for intervention in request.interventions.iter() {
+                let installed = intervention.install();
+                if let Some(inner) = installed.hooks {
+                    let spent = Arc::new(AtomicU64::new(0));
+                    hook_time.push((intervention.name(), spent.clone()));
+                    hooks.push(Box::new(TimedHooks {
+                        inner,
+                        spent_nanos: spent,
+                    }) as Box<dyn SequenceHooks>);
+                }
+                processors.extend(installed.processor);
+            }
+            let hooks = (!hooks.is_empty()).then(|| HookStack(hooks));
             let seq = Sequence::new(
                 spec.prompt,
                 spec.params,
@@ -221,6 +222,7 @@ impl Scheduler {
                 choice,
                 seq,
                 hooks,
+                processors,
                 hook_time,
                 events: request.events.clone(),
                 arrived: request.arrived,
@@ -258,11 +260,14 @@ impl Scheduler {
         let mut still_running = Vec::with_capacity(batch);
         let running = std::mem::take(&mut self.running);
         for (mut r, logits) in running.into_iter().zip(logits) {
-            let output = logits.map_err(|e| e.to_string()).and_then(|row| {
-                r.seq
-                    .on_logits(&row, &self.model.tokenizer)
-                    .map_err(|e| e.to_string())
-            });
+            let output = logits
+                .and_then(|row| apply_processors(&self.model, &mut r, row))
+                .map_err(|e| e.to_string())
+                .and_then(|row| {
+                    r.seq
+                        .on_logits(&row, &self.model.tokenizer)
+                        .map_err(|e| e.to_string())
+                });
             match output {
                 Ok(output) => {
                     match r.last_token {
@@ -283,13 +288,15 @@ impl Scheduler {
                         .with_label_values(&[&self.model_id])
                         .inc();
                     let finished = output.finished.is_some();
+                    if finished {
+                        // Before the last event, so a client that got its answer sees it counted.
+                        self.record_hook_time(&r);
+                    }
                     let _ = r.events.send(EngineEvent::Step {
                         choice: r.choice,
                         output,
                     });
-                    if finished {
-                        self.record_hook_time(&r);
-                    } else {
+                    if !finished {
                         still_running.push(r);
                     }
                 }
@@ -327,6 +334,18 @@ impl Scheduler {
             .with_label_values(id)
             .set(kv as i64);
     }
+}
+
+/// Lets the sequence's logits processors rewrite its logits before sampling.
+fn apply_processors(model: &Model, r: &mut Running, mut row: Vec<f32>) -> CandleResult<Vec<f32>> {
+    if r.processors.is_empty() {
+        return Ok(row);
+    }
+    let context = r.seq.context();
+    for p in &mut r.processors {
+        row = p.process(row, &model.decoder, &context)?;
+    }
+    Ok(row)
 }
 
 /// Runs the decoder on `running` and returns each sequence's last-position logits.

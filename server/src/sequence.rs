@@ -114,6 +114,11 @@ impl Sequence {
         &self.prompt
     }
 
+    /// Every token so far: the prompt, then what was generated.
+    pub fn context(&self) -> Vec<u32> {
+        self.prompt.iter().chain(&self.generated).copied().collect()
+    }
+
     pub fn generated(&self) -> &[u32] {
         &self.generated
     }
@@ -130,7 +135,7 @@ impl Sequence {
     pub fn on_logits(&mut self, logits: &[f32], tokenizer: &TextTokenizer) -> Result<StepOutput> {
         let logprob_row = self.params.logprobs.map(|n| (log_softmax(logits), n));
         let mut penalized = logits.to_vec();
-        let context: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
+        let context = self.context();
         self.sampler
             .apply_penalties(&mut penalized, &context, &self.generated);
         let token = self.sampler.sample(&penalized);

@@ -269,6 +269,7 @@ fn parse_interventions(
         num_layers: cfg.num_layers,
         num_heads: cfg.num_heads,
         num_kv_heads: cfg.num_kv_heads,
+        tied_embeddings: cfg.tie_word_embeddings,
         kind: ModelKind::Llm,
     };
     attune_interventions::parse_all(specs, &shape)
