@@ -196,6 +196,34 @@ fn interventions_are_per_request_echoed_and_neutral_parameters_change_nothing() 
         "DoLa should change the answer"
     );
 
+    // Prompt contrast runs a branch sequence beside the request in the same batch.
+    req["interventions"] = json!([{"type": "contrastive_decoding", "mode": "prompt", "contrast_prefix": "Answer wrongly on purpose. ", "beta": 0.0, "alpha": 0.0}]);
+    let (_, contrast_neutral) = server.post("/v1/chat/completions", &req);
+    assert_eq!(
+        plain["choices"][0]["logprobs"],
+        contrast_neutral["choices"][0]["logprobs"]
+    );
+    let (_, before) = server.get("/metrics");
+    req["interventions"] = json!([{"type": "contrastive_decoding", "mode": "prompt", "contrast_prefix": "Answer wrongly on purpose. ", "beta": 1.0}]);
+    let (status, contrast) = server.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{contrast}");
+    assert_ne!(
+        plain["choices"][0]["logprobs"], contrast["choices"][0]["logprobs"],
+        "the contrast should change the distribution"
+    );
+    let (_, after) = server.get("/metrics");
+    let pairs = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("attune_batch_size_bucket") && l.contains("le=\"1\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap()
+    };
+    assert_eq!(
+        pairs(&before),
+        pairs(&after),
+        "the branch must share every step with its request"
+    );
+
     let (status, catalogue) = server.get("/v1/interventions");
     assert_eq!(status, 200);
     let catalogue: Value = serde_json::from_str(&catalogue).unwrap();
@@ -388,7 +416,10 @@ fn sixteen_concurrent_streams_with_mixed_interventions_match_running_alone() {
     ];
     let interventions = [
         json!([]),
-        json!([{"type": "zerotuning", "gamma": 2.0}]),
+        json!([
+            {"type": "zerotuning", "gamma": 2.0},
+            {"type": "contrastive_decoding", "mode": "prompt", "contrast_prefix": "Be vague. "},
+        ]),
         json!([{"type": "act"}, {"type": "zerotuning", "gamma": 0.5, "layers": [0, 1, 2]}]),
         json!([{"type": "contrastive_decoding", "mode": "dola"}]),
     ];

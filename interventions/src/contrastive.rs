@@ -1,17 +1,50 @@
-//! Contrastive decoding (spec §4), one intervention with a `mode`. Implemented: `dola`
-//! (Chuang et al., ICLR 2024): contrast the final layer with a premature layer of the same
-//! pass, chosen per step by Jensen-Shannon divergence; score = log p_final - lambda * log
-//! p_premature on the plausible tokens (p_final >= alpha * max p_final), -inf elsewhere; then
-//! the repetition penalty on those scores, as HF's `_dola_decoding` orders it. The other modes
-//! (`amateur`, `prompt`, `image_noise`) need extra branch sequences and are not implemented yet.
+//! Contrastive decoding (spec §4), one intervention with a `mode`:
+//! - `dola` (Chuang et al., ICLR 2024): the final layer against a premature layer of the same
+//!   pass, chosen per step by Jensen-Shannon divergence; score = log p_final - lambda * log
+//!   p_premature on the plausible tokens (p_final >= alpha * max p_final), -inf elsewhere; then
+//!   the repetition penalty on those scores, as HF's `_dola_decoding` orders it.
+//! - `prompt`: the same model on a contrasting prompt, run as a branch sequence beside the main
+//!   one (CD's same-model amateur with a prefix, or LQCD's leading query), combined by the
+//!   spec's unified step (extrapolate or difference, logits or log-probability space).
+//!
+//! `amateur` (a second model) and `image_noise` (VCD, needs a VLM) are not implemented yet.
 
 use crate::params::{check_indices, from_value, InterventionError};
-use crate::{Installed, Intervention, LogitsProcessor, ModelShape};
+use crate::{BranchPrompt, Installed, Intervention, LogitsProcessor, ModelShape};
 use attune_models::{Decoder, HookPoint, RowSite, SequenceHooks};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
+
+/// Parses any `contrastive_decoding` request by its `mode`.
+pub fn from_request(
+    params: Value,
+    shape: &ModelShape,
+) -> std::result::Result<Box<dyn Intervention>, InterventionError> {
+    let mode = params
+        .get("mode")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    match mode.as_deref() {
+        Some("dola") => Ok(Box::new(Dola::from_request(params, shape)?)),
+        Some("prompt") => Ok(Box::new(PromptContrast::from_request(params)?)),
+        Some(m @ ("amateur" | "image_noise")) => Err(InterventionError::new(
+            "mode",
+            format!(
+                "contrastive decoding mode `{m}` is not implemented yet (available: dola, prompt)"
+            ),
+        )),
+        Some(other) => Err(InterventionError::new(
+            "mode",
+            format!("unknown mode `{other}` (dola, prompt, amateur, image_noise)"),
+        )),
+        None => Err(InterventionError::new(
+            "mode",
+            "is required: dola, prompt, amateur or image_noise",
+        )),
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,23 +117,8 @@ impl Dola {
         shape: &ModelShape,
     ) -> std::result::Result<Self, InterventionError> {
         let req: Request = from_value(params)?;
-        match req.mode.as_str() {
-            "dola" => {}
-            "amateur" | "prompt" | "image_noise" => {
-                return Err(InterventionError::new(
-                    "mode",
-                    format!(
-                        "contrastive decoding mode `{}` is not implemented yet (available: dola)",
-                        req.mode
-                    ),
-                ))
-            }
-            other => {
-                return Err(InterventionError::new(
-                    "mode",
-                    format!("unknown mode `{other}` (dola, amateur, prompt, image_noise)"),
-                ))
-            }
+        if req.mode != "dola" {
+            return Err(InterventionError::new("mode", "expected `dola`"));
         }
         let n = shape.num_layers;
         let layers = match req.layers.unwrap_or(LayerChoice::Bucket("high".into())) {
@@ -217,6 +235,7 @@ impl LogitsProcessor for DolaProcessor {
     fn process(
         &mut self,
         logits: Vec<f32>,
+        _branches: &[Vec<f32>],
         decoder: &Decoder,
         context: &[u32],
     ) -> Result<Vec<f32>> {
@@ -321,4 +340,234 @@ pub fn dola_scores(mature: &[f64], premature: &[f64], p: &Dola, context: &[u32])
         }
     }
     scores
+}
+
+/// How the two branches combine (spec §4 step 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// (1 + beta) u+ - beta u-: VCD, LQCD, O'Brien & Lewis.
+    Extrapolate,
+    /// u+ - lambda u-: Li et al.'s CD.
+    Difference,
+}
+
+/// The space the branches are compared in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Space {
+    Logits,
+    /// log_softmax(z+) and log_softmax(z- / temperature).
+    Logprobs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptRequest {
+    #[allow(dead_code)]
+    mode: String,
+    contrast_prompt: Option<String>,
+    contrast_prefix: Option<String>,
+    #[serde(default = "default_rule")]
+    rule: Rule,
+    beta: Option<f64>,
+    lambda: Option<f64>,
+    #[serde(default = "default_alpha")]
+    alpha: f64,
+    space: Option<Space>,
+    #[serde(default = "default_temperature")]
+    temperature: f64,
+}
+
+fn default_rule() -> Rule {
+    Rule::Extrapolate
+}
+
+fn default_temperature() -> f64 {
+    1.0
+}
+
+/// Contrast with the same model on another prompt, run as a branch of the request.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptContrast {
+    pub mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contrast_prompt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contrast_prefix: Option<String>,
+    pub rule: Rule,
+    /// beta (extrapolate) or lambda (difference).
+    #[serde(skip)]
+    pub weight: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
+    pub alpha: f64,
+    pub space: Space,
+    pub temperature: f64,
+}
+
+impl PromptContrast {
+    pub fn from_request(params: Value) -> std::result::Result<Self, InterventionError> {
+        let req: PromptRequest = from_value(params)?;
+        if req.contrast_prompt.is_some() == req.contrast_prefix.is_some() {
+            return Err(InterventionError::new(
+                "contrast_prompt",
+                "give exactly one of `contrast_prompt` (replaces the last user message) or \
+                 `contrast_prefix` (goes in front of it)",
+            ));
+        }
+        let (weight, beta, lambda) = match req.rule {
+            Rule::Extrapolate => {
+                if req.lambda.is_some() {
+                    return Err(InterventionError::new(
+                        "lambda",
+                        "goes with `rule: difference`; use `beta`",
+                    ));
+                }
+                let b = req.beta.unwrap_or(1.0);
+                (b, Some(b), None)
+            }
+            Rule::Difference => {
+                if req.beta.is_some() {
+                    return Err(InterventionError::new(
+                        "beta",
+                        "goes with `rule: extrapolate`; use `lambda`",
+                    ));
+                }
+                let l = req.lambda.unwrap_or(1.0);
+                (l, None, Some(l))
+            }
+        };
+        let field = if req.rule == Rule::Extrapolate {
+            "beta"
+        } else {
+            "lambda"
+        };
+        if !(0.0..=100.0).contains(&weight) {
+            return Err(InterventionError::new(
+                field,
+                format!("must be in [0, 100] (got {weight})"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&req.alpha) {
+            return Err(InterventionError::new(
+                "alpha",
+                format!("must be in [0, 1] (got {})", req.alpha),
+            ));
+        }
+        if !(req.temperature > 0.0 && req.temperature <= 100.0) {
+            return Err(InterventionError::new(
+                "temperature",
+                format!("must be in (0, 100] (got {})", req.temperature),
+            ));
+        }
+        Ok(Self {
+            mode: "prompt",
+            contrast_prompt: req.contrast_prompt,
+            contrast_prefix: req.contrast_prefix,
+            rule: req.rule,
+            weight,
+            beta,
+            lambda,
+            alpha: req.alpha,
+            space: req.space.unwrap_or(match req.rule {
+                Rule::Extrapolate => Space::Logits,
+                Rule::Difference => Space::Logprobs,
+            }),
+            temperature: req.temperature,
+        })
+    }
+
+    /// No contrast weight and no mask: the base distribution, so nothing is installed.
+    fn is_neutral(&self) -> bool {
+        self.weight == 0.0 && self.alpha == 0.0
+    }
+
+    /// The spec's unified step for one row.
+    pub fn combine(&self, positive: &[f32], negative: &[f32]) -> Vec<f32> {
+        let (w_pos, w_neg) = match self.rule {
+            Rule::Extrapolate => (1.0 + self.weight, self.weight),
+            Rule::Difference => (1.0, self.weight),
+        };
+        let (u_pos, u_neg): (Vec<f64>, Vec<f64>) = match self.space {
+            Space::Logits => (
+                positive.iter().map(|&v| v as f64).collect(),
+                negative.iter().map(|&v| v as f64).collect(),
+            ),
+            Space::Logprobs => {
+                let cooled: Vec<f32> = negative
+                    .iter()
+                    .map(|&v| (v as f64 / self.temperature) as f32)
+                    .collect();
+                (log_softmax(positive), log_softmax(&cooled))
+            }
+        };
+        let best = positive.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let floor = if self.alpha > 0.0 {
+            best + self.alpha.ln()
+        } else {
+            f64::NEG_INFINITY
+        };
+        positive
+            .iter()
+            .zip(u_pos.iter().zip(&u_neg))
+            .map(|(&z, (&up, &un))| {
+                if (z as f64) >= floor {
+                    (w_pos * up - w_neg * un) as f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect()
+    }
+}
+
+impl Intervention for PromptContrast {
+    fn name(&self) -> &'static str {
+        "contrastive_decoding"
+    }
+
+    fn resolved(&self) -> Value {
+        serde_json::to_value(self).expect("plain data serializes")
+    }
+
+    fn install(&self) -> Installed {
+        if self.is_neutral() {
+            return Installed::default();
+        }
+        Installed {
+            hooks: None,
+            processor: Some(Box::new(PromptContrastProcessor(self.clone()))),
+        }
+    }
+
+    fn branches(&self) -> Vec<BranchPrompt> {
+        if self.is_neutral() {
+            return Vec::new();
+        }
+        match (&self.contrast_prompt, &self.contrast_prefix) {
+            (Some(text), _) => vec![BranchPrompt::Replace(text.clone())],
+            (None, Some(prefix)) => vec![BranchPrompt::Prefix(prefix.clone())],
+            (None, None) => unreachable!("validated in from_request"),
+        }
+    }
+}
+
+struct PromptContrastProcessor(PromptContrast);
+
+impl LogitsProcessor for PromptContrastProcessor {
+    fn process(
+        &mut self,
+        logits: Vec<f32>,
+        branches: &[Vec<f32>],
+        _: &Decoder,
+        _: &[u32],
+    ) -> Result<Vec<f32>> {
+        let negative = branches.first().ok_or_else(|| {
+            candle_core::Error::msg("prompt contrast: the contrast branch is missing")
+        })?;
+        Ok(self.0.combine(&logits, negative))
+    }
 }

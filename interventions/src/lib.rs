@@ -37,6 +37,21 @@ pub trait Intervention: Send + Sync {
     fn resolved(&self) -> Value;
     /// Fresh per-sequence state: decoder hooks and/or a logits processor.
     fn install(&self) -> Installed;
+    /// Extra sequences this method runs beside each choice, in the same batch; their
+    /// last-position logits reach its processor every step.
+    fn branches(&self) -> Vec<BranchPrompt> {
+        Vec::new()
+    }
+}
+
+/// How a contrast branch's prompt derives from the request's. The server renders it (chat
+/// template, tokenizer); the branch then receives every token the main sequence generates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BranchPrompt {
+    /// The last user message (chat) or the prompt (completions) replaced by this text.
+    Replace(String),
+    /// This text put in front of the last user message (chat) or of the prompt (completions).
+    Prefix(String),
 }
 
 /// What an intervention puts on one sequence.
@@ -59,10 +74,12 @@ impl Installed {
 /// sampler this way). Runs after the decoder step, so it can read what the sequence's hooks
 /// captured during it.
 pub trait LogitsProcessor: Send {
-    /// `context` is every token so far (prompt and generated).
+    /// `branches` holds the logits of this method's branches (see [`Intervention::branches`]),
+    /// in order; `context` is every token so far (prompt and generated).
     fn process(
         &mut self,
         logits: Vec<f32>,
+        branches: &[Vec<f32>],
         decoder: &Decoder,
         context: &[u32],
     ) -> candle_core::Result<Vec<f32>>;
@@ -97,7 +114,7 @@ pub fn parse(spec: &Value, shape: &ModelShape) -> Result<Box<dyn Intervention>, 
             params, shape,
         )?)),
         "act" => Ok(Box::new(act::Act::from_request(params, shape)?)),
-        "contrastive_decoding" => Ok(Box::new(contrastive::Dola::from_request(params, shape)?)),
+        "contrastive_decoding" => contrastive::from_request(params, shape),
         other if METHOD_NAMES.contains(&other) => Err(InterventionError::new(
             "type",
             format!("intervention `{other}` is not implemented yet in this server"),

@@ -57,7 +57,7 @@ fn dola_matches_the_pytorch_reference() {
                 .forward_one(&input, &mut cache, Some(hooks.as_mut()))
                 .unwrap();
             let scores = processor
-                .process(logits.to_vec1().unwrap(), &model.decoder, &context)
+                .process(logits.to_vec1().unwrap(), &[], &model.decoder, &context)
                 .unwrap();
             if step == 0 {
                 for &(id, want) in &case.first_step_top5 {

@@ -1,9 +1,10 @@
-//! `attune bench`: prefill and decode speed of our decoder, with and without hooks, against
-//! candle-transformers' `quantized_llama` on the same GGUF, in one run, with the same threads.
+//! `attune bench`: prefill and decode speed of our decoder with no hooks, with pass-through
+//! hooks and with each implemented intervention, against candle-transformers'
+//! `quantized_llama` on the same GGUF, in one run, with the same threads.
 
 use crate::sampling::argmax;
 use anyhow::{Context, Result};
-use attune_models::hooks::reborrow;
+use attune_interventions::{parse, Installed, ModelKind, ModelShape};
 use attune_models::{HookPoint, Model, ModelSource, SequenceHooks};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
@@ -38,12 +39,42 @@ impl SequenceHooks for PassThrough {
     }
 }
 
+/// Interventions measured against no intervention, with the parameters that make them act at
+/// every decode step.
+const INTERVENTIONS: &[(&str, &str)] = &[
+    (
+        "zerotuning, gamma 2, all heads",
+        r#"{"type": "zerotuning", "gamma": 2.0}"#,
+    ),
+    (
+        "act, defaults, every step",
+        r#"{"type": "act", "decode": true}"#,
+    ),
+    (
+        "contrastive_decoding, dola (high)",
+        r#"{"type": "contrastive_decoding", "mode": "dola"}"#,
+    ),
+];
+
 pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
     let prompt = bench_prompt(model, config.prompt_tokens)?;
+    let cfg = model.decoder.config();
+    let shape = ModelShape {
+        num_layers: cfg.num_layers,
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        tied_embeddings: cfg.tie_word_embeddings,
+        kind: ModelKind::Llm,
+    };
+    let interventions = INTERVENTIONS
+        .iter()
+        .map(|(name, spec)| Ok((*name, parse(&serde_json::from_str(spec)?, &shape)?)))
+        .collect::<Result<Vec<_>>>()?;
     let mut rows: Vec<(&str, Vec<Speed>)> = vec![
         ("attune, no hooks", Vec::new()),
         ("attune, pass-through hook at every point", Vec::new()),
     ];
+    rows.extend(interventions.iter().map(|(name, _)| (*name, Vec::new())));
     let mut peer = match &model.source {
         ModelSource::Gguf(path) => Some(load_peer(path)?),
         ModelSource::HfDir(_) => None,
@@ -51,19 +82,31 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
     let mut peer_speeds = Vec::new();
     // Interleave the contenders run by run so that machine noise hits them alike.
     for _ in 0..config.runs {
-        rows[0]
-            .1
-            .push(run_attune(model, &prompt, config.decode_tokens, None)?);
+        rows[0].1.push(run_attune(
+            model,
+            &prompt,
+            config.decode_tokens,
+            Installed::default(),
+        )?);
         rows[1].1.push(run_attune(
             model,
             &prompt,
             config.decode_tokens,
-            Some(&mut PassThrough),
+            Installed::hooks(PassThrough),
         )?);
+        for (i, (_, intervention)) in interventions.iter().enumerate() {
+            rows[2 + i].1.push(run_attune(
+                model,
+                &prompt,
+                config.decode_tokens,
+                intervention.install(),
+            )?);
+        }
         if let Some(peer) = peer.as_mut() {
             peer_speeds.push(run_peer(peer, &prompt, config.decode_tokens)?);
         }
     }
+    let peer_median = peer.is_some().then(|| median(&peer_speeds));
     if peer.is_some() {
         rows.push(("candle quantized_llama (peer)", peer_speeds));
     }
@@ -75,18 +118,19 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
         config.decode_tokens,
         config.runs
     );
-    let peer_median = rows.get(2).map(|r| median(&r.1));
-    println!("| engine | prefill tok/s | decode tok/s | prefill vs peer | decode vs peer |");
-    println!("|---|---:|---:|---:|---:|");
+    let baseline = median(&rows[0].1);
+    println!("| engine | prefill tok/s | decode tok/s | decode vs no hooks | prefill vs peer | decode vs peer |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for (name, speeds) in &rows {
         let m = median(speeds);
         let ratio = |ours: f64, theirs: Option<f64>| {
             theirs.map_or("n/a".to_string(), |t| format!("{:.2}x", ours / t))
         };
         println!(
-            "| {name} | {:.1} | {:.1} | {} | {} |",
+            "| {name} | {:.1} | {:.1} | {} | {} | {} |",
             m.prefill,
             m.decode,
+            ratio(m.decode, Some(baseline.decode)),
             ratio(m.prefill, peer_median.map(|p| p.prefill)),
             ratio(m.decode, peer_median.map(|p| p.decode)),
         );
@@ -102,22 +146,39 @@ fn bench_prompt(model: &Model, len: usize) -> Result<Vec<u32>> {
     Ok(tokens)
 }
 
+/// Greedy prefill and decode with `installed` on the sequence (its logits processor included).
 fn run_attune(
     model: &Model,
     prompt: &[u32],
     decode_tokens: usize,
-    mut hooks: Option<&mut (dyn SequenceHooks + '_)>,
+    installed: Installed,
 ) -> Result<Speed> {
+    let Installed {
+        mut hooks,
+        mut processor,
+    } = installed;
     let decoder = &model.decoder;
     let mut cache = decoder.new_cache();
+    let mut context = prompt.to_vec();
+    let mut step =
+        |input: &[u32], cache: &mut attune_models::KvCache, context: &[u32]| -> Result<u32> {
+            let logits = decoder
+                .forward_one(input, cache, hooks.as_deref_mut())?
+                .to_vec1::<f32>()?;
+            let logits = match processor.as_mut() {
+                // None of the benchmarked methods runs branches.
+                Some(p) => p.process(logits, &[], decoder, context)?,
+                None => logits,
+            };
+            Ok(argmax(&logits))
+        };
     let start = Instant::now();
-    let logits = decoder.forward_one(prompt, &mut cache, reborrow(&mut hooks))?;
+    let mut next = step(prompt, &mut cache, &context)?;
     let prefill = start.elapsed().as_secs_f64();
-    let mut next = argmax(&logits.to_vec1::<f32>()?);
     let start = Instant::now();
     for _ in 0..decode_tokens {
-        let logits = decoder.forward_one(&[next], &mut cache, reborrow(&mut hooks))?;
-        next = argmax(&logits.to_vec1::<f32>()?);
+        context.push(next);
+        next = step(&[next], &mut cache, &context)?;
     }
     Ok(Speed {
         prefill: prompt.len() as f64 / prefill,

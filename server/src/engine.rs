@@ -9,7 +9,8 @@ use crate::metrics::Metrics;
 use crate::sequence::{GenerationParams, Sequence, StepOutput};
 use attune_interventions::{Intervention, LogitsProcessor};
 use attune_models::{
-    AttentionSite, HookPoint, HookStack, Model, RowSite, SequenceHooks, SequenceStep,
+    AttentionSite, DecoderInput, HookPoint, HookStack, KvCache, Model, RowSite, SequenceHooks,
+    SequenceStep,
 };
 use candle_core::{Result as CandleResult, Tensor};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +22,8 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct ChoiceSpec {
     pub prompt: Vec<u32>,
     pub params: GenerationParams,
+    /// Prompts of the interventions' contrast branches, in intervention order.
+    pub branch_prompts: Vec<Vec<u32>>,
 }
 
 pub struct GenerationRequest {
@@ -120,13 +123,23 @@ impl Engine {
     }
 }
 
+/// A contrast branch: another sequence of the same model that receives every token its main
+/// sequence generates, run in the same batch.
+struct Branch {
+    prompt: Vec<u32>,
+    cache: KvCache,
+    started: bool,
+}
+
 /// A sequence in the running batch.
 struct Running {
     choice: usize,
     seq: Sequence,
     hooks: Option<HookStack>,
-    /// Logits rewriters (contrastive decoding), applied in request order before sampling.
-    processors: Vec<Box<dyn LogitsProcessor>>,
+    branches: Vec<Branch>,
+    /// Logits rewriters (contrastive decoding) with the range of `branches` each one reads,
+    /// applied in request order before sampling.
+    processors: Vec<(Box<dyn LogitsProcessor>, std::ops::Range<usize>)>,
     hook_time: Vec<(&'static str, Arc<AtomicU64>)>,
     events: UnboundedSender<EngineEvent>,
     arrived: Instant,
@@ -198,6 +211,7 @@ impl Scheduler {
             let mut hook_time = Vec::new();
             let mut hooks = Vec::new();
             let mut processors = Vec::new();
+            let mut first_branch = 0;
             for intervention in request.interventions.iter() {
                 let installed = intervention.install();
                 if let Some(inner) = installed.hooks {
@@ -208,8 +222,21 @@ impl Scheduler {
                         spent_nanos: spent,
                     }) as Box<dyn SequenceHooks>);
                 }
-                processors.extend(installed.processor);
+                let branch_count = intervention.branches().len();
+                if let Some(p) = installed.processor {
+                    processors.push((p, first_branch..first_branch + branch_count));
+                }
+                first_branch += branch_count;
             }
+            let branches = spec
+                .branch_prompts
+                .into_iter()
+                .map(|prompt| Branch {
+                    prompt,
+                    cache: self.model.decoder.new_cache(),
+                    started: false,
+                })
+                .collect();
             let hooks = (!hooks.is_empty()).then(|| HookStack(hooks));
             let seq = Sequence::new(
                 spec.prompt,
@@ -222,6 +249,7 @@ impl Scheduler {
                 choice,
                 seq,
                 hooks,
+                branches,
                 processors,
                 hook_time,
                 events: request.events.clone(),
@@ -235,6 +263,7 @@ impl Scheduler {
     fn step(&mut self) {
         let start = Instant::now();
         let batch = self.running.len();
+        let sequences = batch + self.running.iter().map(|r| r.branches.len()).sum::<usize>();
         let result = forward(&self.model, &mut self.running);
         self.metrics
             .step_duration
@@ -242,7 +271,7 @@ impl Scheduler {
         self.metrics
             .batch_size
             .with_label_values(&[&self.model_id])
-            .observe(batch as f64);
+            .observe(sequences as f64);
         let logits = match result {
             Ok(logits) => logits.into_iter().map(Ok).collect::<Vec<_>>(),
             // The caches only advance after a whole step succeeds, so each sequence can be
@@ -328,7 +357,13 @@ impl Scheduler {
             .running_sequences
             .with_label_values(id)
             .set(self.running.len() as i64);
-        let kv: usize = self.running.iter().map(|r| r.seq.cache_bytes()).sum();
+        let kv: usize = self
+            .running
+            .iter()
+            .map(|r| {
+                r.seq.cache_bytes() + r.branches.iter().map(|b| b.cache.bytes()).sum::<usize>()
+            })
+            .sum();
         self.metrics
             .kv_cache_bytes
             .with_label_values(id)
@@ -337,37 +372,67 @@ impl Scheduler {
 }
 
 /// Lets the sequence's logits processors rewrite its logits before sampling.
-fn apply_processors(model: &Model, r: &mut Running, mut row: Vec<f32>) -> CandleResult<Vec<f32>> {
+fn apply_processors(model: &Model, r: &mut Running, logits: StepLogits) -> CandleResult<Vec<f32>> {
+    let mut row = logits.main;
     if r.processors.is_empty() {
         return Ok(row);
     }
     let context = r.seq.context();
-    for p in &mut r.processors {
-        row = p.process(row, &model.decoder, &context)?;
+    for (p, branches) in &mut r.processors {
+        row = p.process(
+            row,
+            &logits.branches[branches.clone()],
+            &model.decoder,
+            &context,
+        )?;
     }
     Ok(row)
 }
 
-/// Runs the decoder on `running` and returns each sequence's last-position logits.
-fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<Vec<f32>>> {
-    let mut steps: Vec<SequenceStep> = running
-        .iter_mut()
-        .map(|r| {
-            let input = r.seq.next_input();
-            let mut step = SequenceStep::new(input, r.seq.cache_mut());
-            step.hooks = r.hooks.as_mut().map(|h| h as &mut dyn SequenceHooks);
-            step
-        })
-        .collect();
-    let logits = model.decoder.forward(&mut steps)?;
-    logits
-        .into_iter()
-        .map(|l| {
-            l.ok_or_else(|| candle_core::Error::msg("missing logits"))?
-                .squeeze(0)?
-                .to_vec1::<f32>()
-        })
-        .collect()
+/// Last-position logits of a running sequence and of each of its branches.
+struct StepLogits {
+    main: Vec<f32>,
+    branches: Vec<Vec<f32>>,
+}
+
+/// Runs the decoder on `running` (with their branches) in one batch.
+fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<StepLogits>> {
+    let mut steps: Vec<SequenceStep> = Vec::new();
+    for r in running.iter_mut() {
+        let last = r.seq.generated().last().copied();
+        let input = r.seq.next_input();
+        let mut step = SequenceStep::new(input, r.seq.cache_mut());
+        step.hooks = r.hooks.as_mut().map(|h| h as &mut dyn SequenceHooks);
+        steps.push(step);
+        for b in &mut r.branches {
+            // A branch starts with its own prompt, then follows the main sequence's tokens.
+            let input = match (b.started, last) {
+                (true, Some(t)) => vec![t],
+                _ => b.prompt.clone(),
+            };
+            steps.push(SequenceStep::new(DecoderInput::Tokens(input), &mut b.cache));
+        }
+    }
+    let mut logits = model.decoder.forward(&mut steps)?.into_iter().map(|l| {
+        l.ok_or_else(|| candle_core::Error::msg("missing logits"))?
+            .squeeze(0)?
+            .to_vec1::<f32>()
+    });
+    drop(steps);
+    let mut out = Vec::with_capacity(running.len());
+    for r in running.iter_mut() {
+        let main = logits.next().expect("one row per step")?;
+        let branches = r
+            .branches
+            .iter_mut()
+            .map(|b| {
+                b.started = true;
+                logits.next().expect("one row per step")
+            })
+            .collect::<CandleResult<Vec<_>>>()?;
+        out.push(StepLogits { main, branches });
+    }
+    Ok(out)
 }
 
 /// Measures the time an intervention's hooks take (for `attune_intervention_hook_seconds`).

@@ -10,7 +10,7 @@ use crate::api::types::{
 use crate::engine::{ChoiceSpec, Engine};
 use crate::sampling::SamplingParams;
 use crate::sequence::GenerationParams;
-use attune_interventions::{Intervention, ModelKind, ModelShape};
+use attune_interventions::{BranchPrompt, Intervention, ModelKind, ModelShape};
 use attune_models::Model;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -73,7 +73,7 @@ pub fn chat(state: &AppState, req: ChatCompletionRequest) -> Result<ValidatedReq
         (None, Some(m)) => Some((m, "max_tokens")),
         (None, None) => None,
     };
-    let prompts = vec![prompt];
+    let prompts = vec![(prompt, PromptSource::Chat(messages))];
     let base = Common {
         state,
         model,
@@ -146,10 +146,17 @@ struct Common<'a> {
     prompt_param: &'static str,
 }
 
+/// What a prompt was made from, so that contrast branches can be made from it too.
+enum PromptSource {
+    Chat(Vec<Value>),
+    Text(String),
+    Tokens,
+}
+
 fn finish(
     c: Common,
     engine: Arc<Engine>,
-    prompts: Vec<Vec<u32>>,
+    prompts: Vec<(Vec<u32>, PromptSource)>,
     interventions: &[Value],
     stream: bool,
     include_usage: Option<bool>,
@@ -163,9 +170,10 @@ fn finish(
     let limits = &c.state.limits;
     let (sampling, stop, n) = sampling(c.state, c.model, c.sampling)?;
     let context = c.model.decoder.config().max_position_embeddings;
+    let parsed = parse_interventions(c.state, c.model, interventions)?;
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
-    for prompt in prompts {
+    for (prompt, source) in prompts {
         if prompt.is_empty() {
             return Err(ApiError::invalid(c.prompt_param, "The prompt is empty"));
         }
@@ -203,6 +211,7 @@ fn finish(
                 .min(room),
         };
         prompt_tokens += prompt.len();
+        let branch_prompts = branch_prompts(c.model, &parsed, &source, &prompt, max_tokens)?;
         for i in 0..n {
             let mut sampling = sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
@@ -214,6 +223,7 @@ fn finish(
                     sampling,
                     logprobs: c.logprobs,
                 },
+                branch_prompts: branch_prompts.clone(),
             });
         }
     }
@@ -227,7 +237,6 @@ fn finish(
             ),
         ));
     }
-    let parsed = parse_interventions(c.state, c.model, interventions)?;
     let resolved_interventions = parsed
         .iter()
         .map(|i| {
@@ -432,7 +441,7 @@ fn chat_messages(req: &ChatCompletionRequest) -> Result<Vec<Value>, ApiError> {
 fn completion_prompts(
     model: &Model,
     prompt: Option<&PromptSpec>,
-) -> Result<Vec<Vec<u32>>, ApiError> {
+) -> Result<Vec<(Vec<u32>, PromptSource)>, ApiError> {
     let encode = |text: &str| {
         model
             .completion_prompt(text)
@@ -448,15 +457,88 @@ fn completion_prompts(
     };
     let prompts = match prompt {
         None => return Err(ApiError::invalid("prompt", "is required")),
-        Some(PromptSpec::Text(t)) => vec![encode(t)?],
-        Some(PromptSpec::Texts(ts)) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        Some(PromptSpec::Tokens(ids)) => vec![check_ids(ids)?],
-        Some(PromptSpec::TokenLists(lists)) => {
-            lists.iter().map(check_ids).collect::<Result<_, _>>()?
-        }
+        Some(PromptSpec::Text(t)) => vec![(encode(t)?, PromptSource::Text(t.clone()))],
+        Some(PromptSpec::Texts(ts)) => ts
+            .iter()
+            .map(|t| Ok((encode(t)?, PromptSource::Text(t.clone()))))
+            .collect::<Result<_, ApiError>>()?,
+        Some(PromptSpec::Tokens(ids)) => vec![(check_ids(ids)?, PromptSource::Tokens)],
+        Some(PromptSpec::TokenLists(lists)) => lists
+            .iter()
+            .map(|ids| Ok((check_ids(ids)?, PromptSource::Tokens)))
+            .collect::<Result<_, ApiError>>()?,
     };
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "The prompt list is empty"));
     }
     Ok(prompts)
+}
+
+/// Token prompts of the interventions' contrast branches for one request prompt.
+fn branch_prompts(
+    model: &Model,
+    interventions: &[Box<dyn Intervention>],
+    source: &PromptSource,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let context = model.decoder.config().max_position_embeddings;
+    let mut out = Vec::new();
+    for (i, intervention) in interventions.iter().enumerate() {
+        let param = format!("interventions[{i}]");
+        for branch in intervention.branches() {
+            let tokens = match (source, &branch) {
+                (PromptSource::Chat(messages), _) => {
+                    let mut messages = messages.clone();
+                    let last_user = messages
+                        .iter_mut()
+                        .rev()
+                        .find(|m| m["role"] == "user")
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                &param,
+                                "A contrast prompt needs a user message to change",
+                            )
+                        })?;
+                    let content = last_user["content"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    last_user["content"] = Value::String(match &branch {
+                        BranchPrompt::Replace(text) => text.clone(),
+                        BranchPrompt::Prefix(prefix) => format!("{prefix}{content}"),
+                    });
+                    model.chat_prompt(&messages)
+                }
+                (PromptSource::Text(_) | PromptSource::Tokens, BranchPrompt::Replace(new)) => {
+                    model.completion_prompt(new)
+                }
+                (PromptSource::Text(text), BranchPrompt::Prefix(prefix)) => {
+                    model.completion_prompt(&format!("{prefix}{text}"))
+                }
+                (PromptSource::Tokens, BranchPrompt::Prefix(prefix)) => {
+                    model.tokenizer.encode(prefix, true).map(|mut ids| {
+                        ids.extend_from_slice(prompt);
+                        ids
+                    })
+                }
+            }
+            .map_err(|e| ApiError::invalid(&param, format!("{e:#}")))?;
+            if tokens.is_empty() {
+                return Err(ApiError::invalid(&param, "The contrast prompt is empty"));
+            }
+            if tokens.len() + max_tokens > context {
+                return Err(ApiError::context_length(
+                    &param,
+                    format!(
+                        "The contrast prompt has {} tokens; with {max_tokens} to generate it \
+                         exceeds the model's context of {context}",
+                        tokens.len()
+                    ),
+                ));
+            }
+            out.push(tokens);
+        }
+    }
+    Ok(out)
 }
