@@ -160,28 +160,33 @@ pub fn catalogue() -> Vec<MethodInfo> {
             name: "contrastive_decoding",
             applies_to: both(),
             implemented: true,
-            description: "Contrastive decoding; `mode` picks the contrast. Implemented: `dola` \
-                (Chuang et al. 2024): the final layer against the premature layer (chosen each \
-                step by Jensen-Shannon divergence) of the same pass; score = log p_final - \
-                lambda * log p_premature over tokens with p_final >= alpha * max p_final, then the \
-                repetition penalty. Not implemented yet: `amateur`, `prompt`, `image_noise`. \
-                lambda = 0, alpha = 0 and repetition_penalty = 1 give the base distribution.",
+            description: "Contrastive decoding; `mode` picks the contrast. `dola` (Chuang et al. \
+                2024): the final layer against the premature layer (chosen each step by \
+                Jensen-Shannon divergence) of the same pass; score = log p_final - lambda * log \
+                p_premature over tokens with p_final >= alpha * max p_final, then the repetition \
+                penalty. `prompt`: the same model on a contrasting prompt (`contrast_prompt` \
+                replaces the last user message, `contrast_prefix` goes in front of it; e.g. CD's \
+                \"I love repetitive text! Here is my writing:\" or LQCD's leading query), run as a \
+                branch sequence in the same batch and combined by `rule`: extrapolate \
+                (1+beta) u+ - beta u-, or difference u+ - lambda u-, in `space` logits or \
+                logprobs. Not implemented yet: `amateur`, `image_noise`. Weight 0 with alpha 0 \
+                (and, for dola, repetition_penalty 1) gives the base distribution.",
             parameters: vec![
                 ParamInfo {
                     name: "mode",
                     kind: "string",
                     default: json!(null),
-                    range: "\"dola\" (required)",
+                    range: "\"dola\" | \"prompt\" (required)",
                     description: "Which contrast to use.",
-                    schema: json!({"enum": ["dola"]}),
+                    schema: json!({"enum": ["dola", "prompt"]}),
                 },
                 ParamInfo {
                     name: "layers",
                     kind: "\"low\" | \"high\" | array of integers",
                     default: json!("high"),
                     range: "depths in 0..num_layers (0 = embeddings)",
-                    description: "Candidate premature layers; \"high\" suits short factual \
-                        answers, \"low\" long reasoning (HF's buckets: step 2, split at N/2).",
+                    description: "dola: candidate premature layers; \"high\" suits short \
+                        factual answers, \"low\" long reasoning (HF's buckets: step 2, split at N/2).",
                     schema: json!({"oneOf": [{"enum": ["low", "high"]}, {"type": "array", "items": {"type": "integer", "minimum": 0}}], "default": "high"}),
                 },
                 ParamInfo {
@@ -189,15 +194,15 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     kind: "number",
                     default: json!(0.1),
                     range: "[0, 1]; 0 = no plausibility mask",
-                    description: "Relative-top plausibility threshold.",
+                    description: "Relative-top plausibility threshold (both modes).",
                     schema: json!({"type": "number", "minimum": 0, "maximum": 1, "default": 0.1}),
                 },
                 ParamInfo {
                     name: "lambda",
                     kind: "number",
                     default: json!(1.0),
-                    range: "[0, 100]; 0 = no contrast",
-                    description: "Weight of the premature layer's log-probabilities.",
+                    range: "[0, 100]; 0 = no contrast; dola, or prompt with rule difference",
+                    description: "Weight of the contrast (premature layer or branch).",
                     schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 1.0}),
                 },
                 ParamInfo {
@@ -205,7 +210,7 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     kind: "number",
                     default: json!(1.2),
                     range: "(0, 10]; 1 = off",
-                    description: "Applied to the contrast scores (the official DoLa setting).",
+                    description: "dola: applied to the contrast scores (the official setting).",
                     schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.2}),
                 },
                 ParamInfo {
@@ -213,9 +218,60 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     kind: "boolean",
                     default: json!(false),
                     range: "",
-                    description: "Apply the final norm before lm_head on premature layers \
-                        (both reference implementations do not).",
+                    description: "dola: apply the final norm before lm_head on premature \
+                        layers (both reference implementations do not).",
                     schema: json!({"type": "boolean", "default": false}),
+                },
+                ParamInfo {
+                    name: "contrast_prompt",
+                    kind: "string",
+                    default: json!(null),
+                    range: "prompt: this or contrast_prefix",
+                    description: "prompt: the contrast branch's last user message (chat) or \
+                        prompt (completions).",
+                    schema: json!({"type": "string"}),
+                },
+                ParamInfo {
+                    name: "contrast_prefix",
+                    kind: "string",
+                    default: json!(null),
+                    range: "prompt: this or contrast_prompt",
+                    description: "prompt: text put in front of the last user message (chat) or \
+                        the prompt (completions) in the contrast branch.",
+                    schema: json!({"type": "string"}),
+                },
+                ParamInfo {
+                    name: "rule",
+                    kind: "string",
+                    default: json!("extrapolate"),
+                    range: "\"extrapolate\" | \"difference\"",
+                    description: "prompt: how the branches combine.",
+                    schema: json!({"enum": ["extrapolate", "difference"], "default": "extrapolate"}),
+                },
+                ParamInfo {
+                    name: "beta",
+                    kind: "number",
+                    default: json!(1.0),
+                    range: "[0, 100]; 0 = no contrast; with rule extrapolate",
+                    description: "prompt: extrapolation weight.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 1.0}),
+                },
+                ParamInfo {
+                    name: "space",
+                    kind: "string",
+                    default: json!(null),
+                    range: "\"logits\" | \"logprobs\"; default: logits for extrapolate, logprobs for difference",
+                    description: "prompt: compare raw logits or log-probabilities.",
+                    schema: json!({"enum": ["logits", "logprobs"]}),
+                },
+                ParamInfo {
+                    name: "temperature",
+                    kind: "number",
+                    default: json!(1.0),
+                    range: "(0, 100]",
+                    description: "prompt: the contrast branch's temperature in logprobs space \
+                        (CD used 0.5 for a GPT-2-small amateur).",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 1.0}),
                 },
             ],
         },
