@@ -10,7 +10,7 @@
 //! it acts on the prompt only (the classification setting); `decode: true` applies it at every
 //! step (the MT-Bench setting).
 
-use crate::params::{check_indices, from_value, InterventionError};
+use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape};
 use attune_models::{AttentionSite, HookPoint, SequenceHooks};
 use candle_core::{Result, Tensor, D};
@@ -58,18 +58,8 @@ impl Act {
         shape: &ModelShape,
     ) -> std::result::Result<Self, InterventionError> {
         let req: Request = from_value(params)?;
-        if !(0.0..=1.0).contains(&req.beta) {
-            return Err(InterventionError::new(
-                "beta",
-                format!("must be in [0, 1] (got {})", req.beta),
-            ));
-        }
-        if !(req.threshold > 0.0 && req.threshold <= 1.0) {
-            return Err(InterventionError::new(
-                "threshold",
-                format!("must be in (0, 1] (got {})", req.threshold),
-            ));
-        }
+        check_range("beta", req.beta, 0.0, 1.0, false)?;
+        check_range("threshold", req.threshold, 0.0, 1.0, true)?;
         let n = shape.num_layers;
         let layers = req
             .layers

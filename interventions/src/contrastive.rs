@@ -9,7 +9,7 @@
 //!
 //! `amateur` (a second model) and `image_noise` (VCD, needs a VLM) are not implemented yet.
 
-use crate::params::{check_indices, from_value, InterventionError};
+use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{BranchPrompt, Installed, Intervention, LogitsProcessor, ModelShape};
 use attune_models::{Decoder, HookPoint, RowSite, SequenceHooks};
 use candle_core::{Result, Tensor};
@@ -141,24 +141,15 @@ impl Dola {
                 "no candidate layer (the model is too shallow)",
             ));
         }
-        if !(0.0..=1.0).contains(&req.alpha) {
-            return Err(InterventionError::new(
-                "alpha",
-                format!("must be in [0, 1] (got {})", req.alpha),
-            ));
-        }
-        if !(0.0..=100.0).contains(&req.lambda) {
-            return Err(InterventionError::new(
-                "lambda",
-                format!("must be in [0, 100] (got {})", req.lambda),
-            ));
-        }
-        if !(req.repetition_penalty > 0.0 && req.repetition_penalty <= 10.0) {
-            return Err(InterventionError::new(
-                "repetition_penalty",
-                format!("must be in (0, 10] (got {})", req.repetition_penalty),
-            ));
-        }
+        check_range("alpha", req.alpha, 0.0, 1.0, false)?;
+        check_range("lambda", req.lambda, 0.0, 100.0, false)?;
+        check_range(
+            "repetition_penalty",
+            req.repetition_penalty,
+            0.0,
+            10.0,
+            true,
+        )?;
         Ok(Self {
             mode: "dola",
             layers,
@@ -445,24 +436,9 @@ impl PromptContrast {
         } else {
             "lambda"
         };
-        if !(0.0..=100.0).contains(&weight) {
-            return Err(InterventionError::new(
-                field,
-                format!("must be in [0, 100] (got {weight})"),
-            ));
-        }
-        if !(0.0..=1.0).contains(&req.alpha) {
-            return Err(InterventionError::new(
-                "alpha",
-                format!("must be in [0, 1] (got {})", req.alpha),
-            ));
-        }
-        if !(req.temperature > 0.0 && req.temperature <= 100.0) {
-            return Err(InterventionError::new(
-                "temperature",
-                format!("must be in (0, 100] (got {})", req.temperature),
-            ));
-        }
+        check_range(field, weight, 0.0, 100.0, false)?;
+        check_range("alpha", req.alpha, 0.0, 1.0, false)?;
+        check_range("temperature", req.temperature, 0.0, 100.0, true)?;
         Ok(Self {
             mode: "prompt",
             contrast_prompt: req.contrast_prompt,

@@ -16,7 +16,7 @@ pub mod zerotuning;
 pub use catalogue::{catalogue, MethodInfo, ModelKind, ParamInfo};
 pub use params::InterventionError;
 
-use attune_models::{Decoder, SequenceHooks};
+use attune_models::{Decoder, DecoderConfig, SequenceHooks};
 use serde_json::Value;
 
 /// What an intervention needs to know about the model it runs on.
@@ -27,6 +27,19 @@ pub struct ModelShape {
     pub num_kv_heads: usize,
     pub tied_embeddings: bool,
     pub kind: ModelKind,
+}
+
+impl ModelShape {
+    /// The shape of a decoder of `cfg` serving as a model of `kind`.
+    pub fn of(cfg: &DecoderConfig, kind: ModelKind) -> Self {
+        Self {
+            num_layers: cfg.num_layers,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            tied_embeddings: cfg.tie_word_embeddings,
+            kind,
+        }
+    }
 }
 
 /// A method with validated, fully resolved parameters, ready to install on sequences.

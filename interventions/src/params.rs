@@ -63,3 +63,22 @@ pub(crate) fn check_indices(
         None => Ok(()),
     }
 }
+
+/// Checks `lo <= value <= hi` (or `lo < value` with `open_below`), naming the field otherwise.
+pub(crate) fn check_range(
+    field: &str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+    open_below: bool,
+) -> Result<(), InterventionError> {
+    let above = if open_below { value > lo } else { value >= lo };
+    if above && value <= hi {
+        return Ok(());
+    }
+    let open = if open_below { "(" } else { "[" };
+    Err(InterventionError::new(
+        field,
+        format!("must be in {open}{lo}, {hi}] (got {value})"),
+    ))
+}

@@ -9,13 +9,7 @@ use serde_json::json;
 
 fn shape() -> ModelShape {
     let cfg = tiny_config();
-    ModelShape {
-        num_layers: cfg.num_layers,
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        tied_embeddings: cfg.tie_word_embeddings,
-        kind: ModelKind::Llm,
-    }
+    ModelShape::of(&cfg, ModelKind::Llm)
 }
 
 /// Rows of a causal map, zero-padded on the right, as one head.

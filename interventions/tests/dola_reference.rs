@@ -31,13 +31,7 @@ fn dola_matches_the_pytorch_reference() {
         serde_json::from_str(include_str!("fixtures/dola_reference.json")).unwrap();
     let model = Model::load(&ModelSource::HfDir(converted_default_model()), &Device::Cpu).unwrap();
     let cfg = model.decoder.config();
-    let shape = ModelShape {
-        num_layers: cfg.num_layers,
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        tied_embeddings: cfg.tie_word_embeddings,
-        kind: ModelKind::Llm,
-    };
+    let shape = ModelShape::of(cfg, ModelKind::Llm);
     for case in &reference.cases {
         let spec = json!({
             "type": "contrastive_decoding", "mode": "dola", "layers": case.layers,

@@ -59,13 +59,7 @@ const INTERVENTIONS: &[(&str, &str)] = &[
 pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
     let prompt = bench_prompt(model, config.prompt_tokens)?;
     let cfg = model.decoder.config();
-    let shape = ModelShape {
-        num_layers: cfg.num_layers,
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        tied_embeddings: cfg.tie_word_embeddings,
-        kind: ModelKind::Llm,
-    };
+    let shape = ModelShape::of(cfg, ModelKind::Llm);
     let interventions = INTERVENTIONS
         .iter()
         .map(|(name, spec)| Ok((*name, parse(&serde_json::from_str(spec)?, &shape)?)))

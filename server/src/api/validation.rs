@@ -274,13 +274,7 @@ fn parse_interventions(
         ));
     }
     let cfg = model.decoder.config();
-    let shape = ModelShape {
-        num_layers: cfg.num_layers,
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        tied_embeddings: cfg.tie_word_embeddings,
-        kind: ModelKind::Llm,
-    };
+    let shape = ModelShape::of(cfg, ModelKind::Llm);
     attune_interventions::parse_all(specs, &shape)
         .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))
 }
