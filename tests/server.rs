@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{agent, Server};
+use common::{agent, default_model, Server};
 use serde_json::{json, Value};
 use std::thread;
 
@@ -601,4 +601,50 @@ fn every_route_in_the_openapi_document_is_served() {
             );
         }
     }
+}
+
+#[test]
+fn several_configured_models_are_listed_and_served_by_id() {
+    let path = default_model();
+    let config = format!(
+        "[[models]]\nid = \"small\"\nsource = {path:?}\n[[models]]\nid = \"small-copy\"\nsource = {path:?}\n"
+    );
+    let server = Server::start(&config, &[]);
+    let (_, list) = server.get("/v1/models");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["small", "small-copy"]);
+    for id in ["small", "small-copy"] {
+        let mut req = chat("Hi", 3);
+        req["model"] = json!(id);
+        let (status, body) = server.post("/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model"], id);
+    }
+    assert_eq!(server.get("/v1/models/small-copy").0, 200);
+    assert_eq!(server.get("/v1/models/other").0, 404);
+}
+
+#[test]
+fn a_request_past_its_timeout_gets_503_and_the_server_goes_on() {
+    let server = Server::start("[server]\nrequest_timeout_secs = 1\n", &[]);
+    let (status, body) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{body}"
+    );
+    let (status, _) = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
+    assert_eq!(status, 200);
 }

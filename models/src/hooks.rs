@@ -157,14 +157,3 @@ impl SequenceHooks for HookStack {
         Ok(None)
     }
 }
-
-/// Lends optional hooks for one call, shortening the trait object's lifetime with the borrow
-/// (`Option::as_deref_mut` cannot, because `&mut` is invariant in its pointee).
-pub fn reborrow<'s>(
-    hooks: &'s mut Option<&mut (dyn SequenceHooks + '_)>,
-) -> Option<&'s mut dyn SequenceHooks> {
-    match hooks {
-        Some(h) => Some(&mut **h),
-        None => None,
-    }
-}

@@ -77,11 +77,6 @@ impl KvCache {
         per_layer * self.layers.iter().filter(|l| l.is_some()).count()
     }
 
-    /// Forgets positions from `len` on (e.g. to re-run a suffix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Writes `k`, `v` (kv_heads, t, head_dim) after the cached positions of `layer` and returns
     /// views of everything cached for that layer including them. Call [`Self::advance`] once all
     /// layers have been written.

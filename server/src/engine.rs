@@ -117,10 +117,6 @@ impl Engine {
             .set(self.queued.load(Ordering::SeqCst) as i64);
         Ok(())
     }
-
-    pub fn config(&self) -> EngineConfig {
-        self.config
-    }
 }
 
 /// A contrast branch: another sequence of the same model that receives every token its main

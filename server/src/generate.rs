@@ -3,8 +3,7 @@
 
 use crate::sequence::{FinishReason, GenerationParams, Sequence, StepOutput};
 use anyhow::Result;
-use attune_models::hooks::reborrow;
-use attune_models::{Model, SequenceHooks, SequenceStep};
+use attune_models::{Model, SequenceStep};
 
 pub struct Completion {
     pub text: String,
@@ -19,7 +18,6 @@ pub fn generate(
     model: &Model,
     prompt: Vec<u32>,
     params: GenerationParams,
-    mut hooks: Option<&mut (dyn SequenceHooks + '_)>,
     mut on_step: impl FnMut(&StepOutput),
 ) -> Result<Completion> {
     let prompt_tokens = prompt.len();
@@ -35,7 +33,6 @@ pub fn generate(
     loop {
         let input = seq.next_input();
         let mut step = SequenceStep::new(input, seq.cache_mut());
-        step.hooks = reborrow(&mut hooks);
         let logits = model.decoder.forward(std::slice::from_mut(&mut step))?;
         let row = logits[0]
             .as_ref()

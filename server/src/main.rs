@@ -225,7 +225,7 @@ fn run_generate(model: &Model, args: GenerateArgs) -> Result<()> {
     };
     let start = Instant::now();
     let mut stdout = std::io::stdout();
-    let done = generate(model, prompt, params, None, |step| {
+    let done = generate(model, prompt, params, |step| {
         let _ = stdout.write_all(step.text.as_bytes());
         let _ = stdout.flush();
     })?;

@@ -46,17 +46,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server on the default model with `config_toml` as its config file (the
-    /// model and port are set by the harness) and `extra` flags; waits until /ready.
+    /// Starts the server with `config_toml` as its config file (on the default model unless the
+    /// file lists models; the port is set by the harness) and `extra` flags; waits until /ready.
     pub fn start(config_toml: &str, extra: &[&str]) -> Self {
         let model = default_model();
         let port = free_port();
         let config = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(config.path(), config_toml).unwrap();
-        let child = attune()
+        let mut command = attune();
+        command
             .args(["serve", "--port", &port.to_string(), "--config"])
-            .arg(config.path())
-            .args(["--model", model.to_str().unwrap()])
+            .arg(config.path());
+        // A config that lists its own models keeps them; otherwise serve the default model.
+        if !config_toml.contains("[[models]]") {
+            command.args(["--model", model.to_str().unwrap()]);
+        }
+        let child = command
             .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
