@@ -196,6 +196,21 @@ fn interventions_are_per_request_echoed_and_neutral_parameters_change_nothing() 
         "DoLa should change the answer"
     );
 
+    // Recycled attention: a budget covering the context is full attention; a small one is not.
+    req["interventions"] = json!([{"type": "recycled_attention", "k": 4096, "stride": 4}]);
+    let (_, ra_neutral) = server.post("/v1/chat/completions", &req);
+    assert_eq!(
+        plain["choices"][0]["logprobs"],
+        ra_neutral["choices"][0]["logprobs"]
+    );
+    req["interventions"] = json!([{"type": "recycled_attention", "k": 8, "stride": 4}]);
+    let (status, ra) = server.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{ra}");
+    assert_ne!(
+        plain["choices"][0]["logprobs"], ra["choices"][0]["logprobs"],
+        "a budget of 8 keys should change the model"
+    );
+
     // Prompt contrast runs a branch sequence beside the request in the same batch.
     req["interventions"] = json!([{"type": "contrastive_decoding", "mode": "prompt", "contrast_prefix": "Answer wrongly on purpose. ", "beta": 0.0, "alpha": 0.0}]);
     let (_, contrast_neutral) = server.post("/v1/chat/completions", &req);
@@ -339,12 +354,13 @@ fn bad_input_gets_the_right_status_and_names_the_field() {
         .read_to_string()
         .unwrap()
         .contains("not valid JSON"));
-    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20));
-    let r = agent()
-        .post(&server.url("/v1/completions"))
-        .send(huge)
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 413);
+    // A body over the limit gets 413 (sent whole: the server stops reading at the limit).
+    let (status, body) = send_body(&server, "/v1/completions", (2 << 20) + 64);
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("larger than the 2097152-byte limit"),
+        "{body}"
+    );
 
     // Still serving.
     let (status, _) = server.post("/v1/chat/completions", &chat("Hi", 2));
@@ -647,4 +663,54 @@ fn a_request_past_its_timeout_gets_503_and_the_server_goes_on() {
     );
     let (status, _) = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
     assert_eq!(status, 200);
+}
+
+/// Sends a JSON body of exactly `length` bytes and returns the status and body of the answer.
+fn send_body(server: &Server, path: &str, length: usize) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = server.base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let open = "{\"prompt\": \"";
+    let body = format!("{open}{}\"}}", "a".repeat(length - open.len() - 2));
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{body}"
+    )
+    .unwrap();
+    // Read until the response's own Content-Length is complete (the connection may stay open).
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+            head.lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .is_some_and(|len| body.len() >= len)
+        });
+        if n == 0 || complete {
+            break;
+        }
+    }
+    let reply = String::from_utf8_lossy(&raw).into_owned();
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
 }

@@ -151,11 +151,64 @@ pub fn catalogue() -> Vec<MethodInfo> {
                 },
             ],
         },
-        planned(
-            "recycled_attention",
-            both(),
-            "Recycled Attention / RefreshKV: top-K KV reuse for long contexts (planned).",
-        ),
+        MethodInfo {
+            name: "recycled_attention",
+            applies_to: both(),
+            implemented: true,
+            description: "Recycled Attention / RefreshKV (Xu, Goyal, Choi; from the paper, no \
+                official code): decode steps attend only to the K keys the last full step \
+                attended to most (max over each GQA group, max-pooled with kernel 7) plus the \
+                tokens generated since; full steps refresh that set every `stride` steps, or \
+                (`dynamic`, the default) on every `check_every`-th step for each layer whose \
+                pre-RoPE mean query drifted below `similarity` (cosine; pre-RoPE is our choice, \
+                the paper does not say). K >= the context gives full attention. Cannot be combined \
+                with `act`; with `zerotuning` the first key is never evicted.",
+            parameters: vec![
+                ParamInfo {
+                    name: "k",
+                    kind: "integer | null",
+                    default: json!(null),
+                    range: ">= 1; null = from k_fraction",
+                    description: "Keys kept per KV head on partial steps.",
+                    schema: json!({"type": ["integer", "null"], "minimum": 1}),
+                },
+                ParamInfo {
+                    name: "k_fraction",
+                    kind: "number",
+                    default: json!(0.125),
+                    range: "(0, 1]",
+                    description: "K as a fraction of the prompt length (RefreshKV uses 1/8), at least k_min.",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.125}),
+                },
+                ParamInfo {
+                    name: "k_min",
+                    kind: "integer",
+                    default: json!(256),
+                    range: ">= 0",
+                    description: "Lower bound on K when it comes from k_fraction (our suggestion for small models).",
+                    schema: json!({"type": "integer", "minimum": 0, "default": 256}),
+                },
+                ParamInfo {
+                    name: "stride",
+                    kind: "integer | null",
+                    default: json!(null),
+                    range: ">= 1; 1 = always full",
+                    description: "Fixed schedule: a full step every `stride` steps (paper v1).",
+                    schema: json!({"type": ["integer", "null"], "minimum": 1}),
+                },
+                ParamInfo {
+                    name: "dynamic",
+                    kind: "{check_every, similarity} | null",
+                    default: json!({"check_every": 5, "similarity": 0.85}),
+                    range: "check_every >= 1, similarity in [-1, 2]; used when no stride is given",
+                    description: "Query-drift schedule (RefreshKV).",
+                    schema: json!({"type": ["object", "null"], "additionalProperties": false, "properties": {
+                        "check_every": {"type": "integer", "minimum": 1, "default": 5},
+                        "similarity": {"type": "number", "minimum": -1, "maximum": 2, "default": 0.85},
+                    }}),
+                },
+            ],
+        },
         MethodInfo {
             name: "contrastive_decoding",
             applies_to: both(),

@@ -11,6 +11,7 @@ pub mod act;
 mod catalogue;
 pub mod contrastive;
 mod params;
+pub mod recycled;
 pub mod zerotuning;
 
 pub use catalogue::{catalogue, MethodInfo, ModelKind, ParamInfo};
@@ -110,8 +111,18 @@ pub const METHOD_NAMES: &[&str] = &[
     "contrastive_decoding",
 ];
 
-/// Parses one `{"type": NAME, ...params}` object.
+/// Parses one `{"type": NAME, ...params}` object on its own.
 pub fn parse(spec: &Value, shape: &ModelShape) -> Result<Box<dyn Intervention>, InterventionError> {
+    parse_with(spec, shape, &[])
+}
+
+/// Parses one intervention knowing the method names of the whole request (`others`), for the
+/// spec's composition rules.
+fn parse_with(
+    spec: &Value,
+    shape: &ModelShape,
+    others: &[&str],
+) -> Result<Box<dyn Intervention>, InterventionError> {
     let object = spec.as_object().ok_or_else(|| {
         InterventionError::new("", "must be an object like {\"type\": \"zerotuning\", ...}")
     })?;
@@ -128,6 +139,20 @@ pub fn parse(spec: &Value, shape: &ModelShape) -> Result<Box<dyn Intervention>, 
         )?)),
         "act" => Ok(Box::new(act::Act::from_request(params, shape)?)),
         "contrastive_decoding" => contrastive::from_request(params, shape),
+        "recycled_attention" => {
+            if others.contains(&"act") {
+                return Err(InterventionError::new(
+                    "type",
+                    "`recycled_attention` cannot be combined with `act`: ACT's column \
+                     statistics are undefined on a partial cache",
+                ));
+            }
+            // ZeroTuning's bias needs the first key present on partial steps.
+            let keep_first = others.contains(&"zerotuning");
+            Ok(Box::new(recycled::RecycledAttention::from_request(
+                params, shape, keep_first,
+            )?))
+        }
         other if METHOD_NAMES.contains(&other) => Err(InterventionError::new(
             "type",
             format!("intervention `{other}` is not implemented yet in this server"),
@@ -147,10 +172,14 @@ pub fn parse_all(
     specs: &[Value],
     shape: &ModelShape,
 ) -> Result<Vec<Box<dyn Intervention>>, InterventionError> {
+    let names: Vec<&str> = specs
+        .iter()
+        .filter_map(|s| s.get("type")?.as_str())
+        .collect();
     let parsed = specs
         .iter()
         .enumerate()
-        .map(|(i, spec)| parse(spec, shape).map_err(|e| e.at_index(i)))
+        .map(|(i, spec)| parse_with(spec, shape, &names).map_err(|e| e.at_index(i)))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, a) in parsed.iter().enumerate() {
         if parsed[..i].iter().any(|b| b.name() == a.name()) {

@@ -276,9 +276,18 @@ impl Decoder {
                     .transpose(0, 1)?
                     .contiguous()
             };
-            let q = self
-                .rope
-                .apply(&rows(&q, self.cfg.num_heads)?, &span.rope)?;
+            let q = rows(&q, self.cfg.num_heads)?;
+            let site = AttentionSite {
+                layer: index,
+                query_start: span.start,
+                query_len: span.len,
+                key_len: span.start + span.len,
+                selected_keys: None,
+            };
+            if let Some(hooks) = step.hooks_for(HookPoint::Queries, index) {
+                hooks.queries(&site, &q)?;
+            }
+            let q = self.rope.apply(&q, &span.rope)?;
             let k = self
                 .rope
                 .apply(&rows(&k, self.cfg.num_kv_heads)?, &span.rope)?;

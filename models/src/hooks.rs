@@ -23,6 +23,8 @@ pub enum HookPoint {
     Residual,
     /// Which cached keys a single-query (decode) step attends to.
     KeySelection,
+    /// Read-only: the step's queries before RoPE, (heads, q_len, head_dim).
+    Queries,
 }
 
 /// What a hook is told about the attention call it is in.
@@ -70,6 +72,11 @@ pub trait SequenceHooks: Send {
 
     fn residual(&mut self, _site: &RowSite, hidden: Tensor) -> Result<Tensor> {
         Ok(hidden)
+    }
+
+    /// Sees the step's queries before RoPE (read-only); called before [`Self::select_keys`].
+    fn queries(&mut self, _site: &AttentionSite, _queries: &Tensor) -> Result<()> {
+        Ok(())
     }
 
     /// Returns the key positions to attend to per KV head, (kv_heads, k) u32, or `None` for all.
@@ -141,6 +148,17 @@ impl SequenceHooks for HookStack {
             t = h.residual(site, t)?;
         }
         Ok(t)
+    }
+
+    fn queries(&mut self, site: &AttentionSite, q: &Tensor) -> Result<()> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::Queries, site.layer))
+        {
+            h.queries(site, q)?;
+        }
+        Ok(())
     }
 
     /// The first hook set that selects keys wins; selections do not compose.

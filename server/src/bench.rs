@@ -54,6 +54,11 @@ const INTERVENTIONS: &[(&str, &str)] = &[
         "contrastive_decoding, dola (high)",
         r#"{"type": "contrastive_decoding", "mode": "dola"}"#,
     ),
+    // A no-op while the context fits in k: use long prompts (--prompt-tokens) to see it work.
+    (
+        "recycled_attention, k 128, stride 16",
+        r#"{"type": "recycled_attention", "k": 128, "stride": 16}"#,
+    ),
 ];
 
 pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {

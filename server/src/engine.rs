@@ -466,6 +466,9 @@ impl SequenceHooks for TimedHooks {
     fn residual(&mut self, site: &RowSite, t: Tensor) -> CandleResult<Tensor> {
         self.timed(|h| h.residual(site, t))
     }
+    fn queries(&mut self, site: &AttentionSite, q: &Tensor) -> CandleResult<()> {
+        self.timed(|h| h.queries(site, q))
+    }
     fn select_keys(&mut self, site: &AttentionSite) -> CandleResult<Option<Tensor>> {
         self.timed(|h| h.select_keys(site))
     }
