@@ -355,7 +355,6 @@ pub enum Space {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PromptRequest {
-    #[allow(dead_code)]
     mode: String,
     contrast_prompt: Option<String>,
     contrast_prefix: Option<String>,
@@ -402,6 +401,9 @@ pub struct PromptContrast {
 impl PromptContrast {
     pub fn from_request(params: Value) -> std::result::Result<Self, InterventionError> {
         let req: PromptRequest = from_value(params)?;
+        if req.mode != "prompt" {
+            return Err(InterventionError::new("mode", "expected `prompt`"));
+        }
         if req.contrast_prompt.is_some() == req.contrast_prefix.is_some() {
             return Err(InterventionError::new(
                 "contrast_prompt",

@@ -71,9 +71,9 @@ impl Sampler {
         &self.params
     }
 
-    /// Applies `logit_bias` and the repetition, presence and frequency penalties in place. `context` is every
-    /// token so far (prompt and output); `generated` only the output.
-    pub fn apply_penalties(&self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
+    /// Applies `logit_bias` and the repetition, presence and frequency penalties in place. The
+    /// repetition penalty covers the prompt and the output, the OpenAI penalties the output only.
+    pub fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
         let p = &self.params;
         for &(token, bias) in &p.logit_bias {
             if let Some(logit) = logits.get_mut(token as usize) {
@@ -82,7 +82,7 @@ impl Sampler {
         }
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
-            for &t in context {
+            for &t in prompt.iter().chain(generated) {
                 if let Some(s) = seen.get_mut(t as usize) {
                     *s = true;
                 }
@@ -252,7 +252,7 @@ mod tests {
             p.frequency_penalty = 0.25;
         });
         let mut logits = [2.0f32, -2.0, 2.0, 1.0];
-        s.apply_penalties(&mut logits, &[0, 1, 3, 3], &[3, 3]);
+        s.apply_penalties(&mut logits, &[0, 1], &[3, 3]);
         assert_eq!(logits, [1.0, -4.0, 2.0, 0.5 - 0.5 - 0.5]);
     }
 

@@ -135,9 +135,8 @@ impl Sequence {
     pub fn on_logits(&mut self, logits: &[f32], tokenizer: &TextTokenizer) -> Result<StepOutput> {
         let logprob_row = self.params.logprobs.map(|n| (log_softmax(logits), n));
         let mut penalized = logits.to_vec();
-        let context = self.context();
         self.sampler
-            .apply_penalties(&mut penalized, &context, &self.generated);
+            .apply_penalties(&mut penalized, &self.prompt, &self.generated);
         let token = self.sampler.sample(&penalized);
         self.generated.push(token);
         let logprob = logprob_row.map(|(row, n)| TokenLogprob {
