@@ -7,7 +7,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{build_decoder, WeightName, WeightSource};
 use anyhow::{Context, Result};
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -91,9 +91,9 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn linear(&mut self, name: WeightName, bias: Option<String>) -> Result<Linear> {
-        let weight = QMatMul::from_qtensor(self.gguf.tensor(&name.gguf(), &self.device)?)?;
+        let weight = self.gguf.tensor(&name.gguf(), &self.device)?;
         let bias = bias.map(|b| self.vector(&b)).transpose()?;
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::quantized(weight, bias)?)
     }
 
     fn tied_lm_head(&mut self) -> Result<Linear> {

@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
+pub mod quant;
 pub mod rope;
 pub mod safetensors;
 pub mod source;

@@ -6,7 +6,7 @@
 use attune_models::arch::RopeLayout;
 use attune_models::convert::gguf_to_hf_dir;
 use attune_models::gguf::GgufFile;
-use attune_models::linear::Linear;
+use attune_models::linear::{Linear, Weight};
 use attune_models::safetensors::load_decoder;
 use attune_models::testing::{random_decoder, tiny_config};
 use attune_models::{Decoder, DecoderConfig, WeightName};
@@ -29,7 +29,7 @@ fn config() -> DecoderConfig {
 
 fn dense(linear: &Linear) -> Tensor {
     match linear.weight() {
-        QMatMul::Tensor(t) => t.clone(),
+        Weight::Candle(QMatMul::Tensor(t)) => t.clone(),
         other => panic!("expected a dense weight, got {other:?}"),
     }
 }
