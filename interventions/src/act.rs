@@ -13,7 +13,7 @@
 use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape};
 use attune_models::{AttentionSite, HookPoint, SequenceHooks};
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::Arc;
@@ -147,7 +147,9 @@ impl SequenceHooks for ActHooks {
 }
 
 /// ACT on probabilities (heads, q_len, k_len) whose first query is at absolute position
-/// `query_start`; only heads flagged in `heads` change.
+/// `query_start`; only heads flagged in `heads` change. Plain loops over one host copy: this runs
+/// inside every selected layer of every step, where a chain of small tensor ops costs more than
+/// the arithmetic.
 pub fn calibrate(
     probs: &Tensor,
     heads: &[bool],
@@ -156,43 +158,62 @@ pub fn calibrate(
     threshold: f64,
 ) -> Result<Tensor> {
     let (n_heads, q_len, k_len) = probs.dims3()?;
+    let mut p = probs
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     // Rows that can see key j: the queries at or after it.
     let visible: Vec<f32> = (0..k_len)
         .map(|j| (q_len - j.saturating_sub(query_start).min(q_len)).max(1) as f32)
         .collect();
-    let visible = Tensor::from_vec(visible, (1, k_len), probs.device())?;
-    let column_scores = probs.sum(1)?.broadcast_div(&visible)?.to_vec2::<f32>()?;
-
-    // Sinks after the first candidate, per head.
-    let mut sink_mask = vec![0f32; n_heads * k_len];
-    let mut any = false;
-    for (h, scores) in column_scores.iter().enumerate() {
-        if !heads[h] {
+    let mut changed = false;
+    let mut is_sink = vec![false; k_len];
+    let mut column = vec![0f32; k_len];
+    for (h, head) in p.chunks_exact_mut(q_len * k_len).enumerate() {
+        if !heads.get(h).copied().unwrap_or(false) {
             continue;
         }
-        // Compared in f32, as the reference code's float32 tensors compare with a Python float.
-        let mut candidates = (0..k_len).filter(|&j| scores[j] > threshold as f32);
-        candidates.next(); // the first sink is kept
-        for j in candidates {
-            sink_mask[h * k_len + j] = 1.0;
-            any = true;
+        column.fill(0.0);
+        for row in head.chunks_exact(k_len) {
+            for (c, v) in column.iter_mut().zip(row) {
+                *c += v;
+            }
+        }
+        // Sinks after the first candidate. Compared in f32, as the reference code's float32
+        // tensors compare with a Python float.
+        let mut seen_first = false;
+        let mut any = false;
+        for j in 0..k_len {
+            let candidate = column[j] / visible[j] > threshold as f32;
+            is_sink[j] = candidate && seen_first;
+            seen_first |= candidate;
+            any |= is_sink[j];
+        }
+        if !any {
+            continue;
+        }
+        changed = true;
+        for row in head.chunks_exact_mut(k_len) {
+            let sink_mass: f32 = row
+                .iter()
+                .zip(&is_sink)
+                .filter(|(_, s)| **s)
+                .map(|(v, _)| v)
+                .sum();
+            let rest = 1.0 - sink_mass;
+            // Rows with no room (R ~ 0) stay as they are, which also keeps 0/0 out of the next
+            // layer; otherwise non-sinks grow by (1 + (1 - beta) m / R) and sinks shrink by beta.
+            if rest < 1e-6 {
+                continue;
+            }
+            let grow = 1.0 + (1.0 - beta as f32) * sink_mass / rest;
+            for (v, &sink) in row.iter_mut().zip(&is_sink) {
+                *v *= if sink { beta as f32 } else { grow };
+            }
         }
     }
-    if !any {
+    if !changed {
         return Ok(probs.clone());
     }
-    let sinks = Tensor::from_vec(sink_mask, (n_heads, 1, k_len), probs.device())?;
-    let sink_mass = probs.broadcast_mul(&sinks)?.sum_keepdim(D::Minus1)?; // m_i: (heads, q, 1)
-    let rest = (1.0 - &sink_mass)?; // R_i
-                                    // Non-sink keys grow by (1 + (1 - beta) m / R); rows with no room (R ~ 0) stay as they are,
-                                    // which also keeps 0/0 out of the next layer.
-    let room = rest.ge(1e-6)?.to_dtype(probs.dtype())?;
-    let grow = ((sink_mass * (1.0 - beta))?.broadcast_div(&rest.clamp(1e-6, f64::MAX)?)? * &room)?;
-    let other_scale = (grow + 1.0)?; // (heads, q, 1)
-    let sink_scale = ((&room * (beta - 1.0))? + 1.0)?; // beta where there is room, else 1
-    let scale = sinks
-        .broadcast_mul(&sink_scale)?
-        .add(&(1.0 - &sinks)?.broadcast_mul(&other_scale)?)?;
-    debug_assert_eq!(scale.dims3()?, (n_heads, q_len, k_len));
-    probs.mul(&scale)
+    Tensor::from_vec(p, (n_heads, q_len, k_len), probs.device())?.to_dtype(probs.dtype())
 }

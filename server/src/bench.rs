@@ -2,12 +2,14 @@
 //! hooks and with each implemented intervention, against candle-transformers'
 //! `quantized_llama` on the same GGUF, in one run, with the same threads.
 
+use crate::llama_cpp_peer::LlamaCppPeer;
 use crate::sampling::argmax;
 use anyhow::{Context, Result};
 use attune_interventions::{parse, Installed, ModelKind, ModelShape};
 use attune_models::{HookPoint, Model, ModelSource, SequenceHooks};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use std::path::PathBuf;
 use std::time::Instant;
 
 const PARAGRAPH: &str = "The history of astronomy is a story of patient observation. Long before \
@@ -21,6 +23,8 @@ pub struct BenchConfig {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub runs: usize,
+    /// Python of a venv with llama-cpp-python: adds llama.cpp as a peer.
+    pub llama_cpp: Option<PathBuf>,
 }
 
 /// Tokens per second of one run.
@@ -74,11 +78,23 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
         ("attune, pass-through hook at every point", Vec::new()),
     ];
     rows.extend(interventions.iter().map(|(name, _)| (*name, Vec::new())));
-    let mut peer = match &model.source {
-        ModelSource::Gguf(path) => Some(load_peer(path)?),
+    let gguf = match &model.source {
+        ModelSource::Gguf(path) => Some(path.clone()),
         ModelSource::HfDir(_) => None,
     };
-    let mut peer_speeds = Vec::new();
+    let mut candle_peer = gguf.as_deref().map(load_peer).transpose()?;
+    let mut llama_cpp = match (&config.llama_cpp, &gguf) {
+        (Some(python), Some(gguf)) => Some(LlamaCppPeer::start(
+            python,
+            gguf,
+            config.decode_tokens,
+            threads,
+        )?),
+        (Some(_), None) => anyhow::bail!("the llama.cpp peer needs a GGUF model"),
+        (None, _) => None,
+    };
+    let mut candle_speeds = Vec::new();
+    let mut llama_cpp_speeds = Vec::new();
     // Interleave the contenders run by run so that machine noise hits them alike.
     for _ in 0..config.runs {
         rows[0].1.push(run_attune(
@@ -101,38 +117,60 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
                 intervention.install(),
             )?);
         }
-        if let Some(peer) = peer.as_mut() {
-            peer_speeds.push(run_peer(peer, &prompt, config.decode_tokens)?);
+        if let Some(peer) = candle_peer.as_mut() {
+            candle_speeds.push(run_peer(peer, &prompt, config.decode_tokens)?);
+        }
+        if let Some(peer) = llama_cpp.as_mut() {
+            let speed = peer.run(&prompt)?;
+            llama_cpp_speeds.push(Speed {
+                prefill: speed.prefill,
+                decode: speed.decode,
+            });
         }
     }
-    let peer_median = peer.is_some().then(|| median(&peer_speeds));
-    if peer.is_some() {
-        rows.push(("candle quantized_llama (peer)", peer_speeds));
+    // Ratios are given against each peer that ran.
+    let mut peers = Vec::new();
+    if candle_peer.is_some() {
+        peers.push(("quantized_llama", median(&candle_speeds)));
+        rows.push(("candle quantized_llama (peer)", candle_speeds));
+    }
+    if llama_cpp.is_some() {
+        peers.push(("llama.cpp", median(&llama_cpp_speeds)));
+        rows.push(("llama.cpp via llama-cpp-python (peer)", llama_cpp_speeds));
     }
 
     println!(
-        "model: {} | threads: {threads} | prompt: {} tokens | decode: {} tokens | median of {} runs",
+        "model: {} | threads: {threads} | prompt: {} tokens | decode: {} tokens | median of {} runs | kernel: {:?}",
         model.source.path().display(),
         prompt.len(),
         config.decode_tokens,
-        config.runs
+        config.runs,
+        attune_models::quant::Kernel::detected(),
     );
     let baseline = median(&rows[0].1);
-    println!("| engine | prefill tok/s | decode tok/s | decode vs no hooks | prefill vs peer | decode vs peer |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    let mut header = "| engine | prefill tok/s | decode tok/s | decode vs no hooks |".to_string();
+    let mut rule = "|---|---:|---:|---:|".to_string();
+    for (peer, _) in &peers {
+        header += &format!(" prefill vs {peer} | decode vs {peer} |");
+        rule += "---:|---:|";
+    }
+    println!("{header}\n{rule}");
     for (name, speeds) in &rows {
         let m = median(speeds);
-        let ratio = |ours: f64, theirs: Option<f64>| {
-            theirs.map_or("n/a".to_string(), |t| format!("{:.2}x", ours / t))
-        };
-        println!(
-            "| {name} | {:.1} | {:.1} | {} | {} | {} |",
+        let mut line = format!(
+            "| {name} | {:.1} | {:.1} | {:.2}x |",
             m.prefill,
             m.decode,
-            ratio(m.decode, Some(baseline.decode)),
-            ratio(m.prefill, peer_median.map(|p| p.prefill)),
-            ratio(m.decode, peer_median.map(|p| p.decode)),
+            m.decode / baseline.decode
         );
+        for (_, p) in &peers {
+            line += &format!(
+                " {:.2}x | {:.2}x |",
+                m.prefill / p.prefill,
+                m.decode / p.decode
+            );
+        }
+        println!("{line}");
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ struct Sample {
 
 /// Runs against `url`, or against a server started in this process from `config`.
 pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Result<()> {
+    let in_process = url.is_none();
     let base = match url {
         Some(url) => url.trim_end_matches('/').to_string(),
         None => start_local_server(config)?,
@@ -72,7 +73,30 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
             pct(|s| s.first_token, 0.5),
         );
     }
+    if in_process {
+        match peak_rss_bytes() {
+            Some(bytes) => println!(
+                "peak RSS of this process (the server, its loaded model and the load clients): {:.0} MiB",
+                bytes as f64 / (1 << 20) as f64
+            ),
+            None => println!("peak RSS: not available on this platform"),
+        }
+    }
     Ok(())
+}
+
+/// The process's high-water resident set (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 fn start_local_server(mut config: AttuneConfig) -> Result<String> {

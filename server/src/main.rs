@@ -106,6 +106,10 @@ struct BenchArgs {
     decode_tokens: usize,
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Also measure llama.cpp: the Python of a venv with llama-cpp-python
+    /// (server/bench/setup-llama-cpp.sh makes one at target/llama-cpp-venv).
+    #[arg(long, value_name = "PYTHON")]
+    llama_cpp: Option<PathBuf>,
     /// Load-test the HTTP server instead (started in-process unless --url is given).
     #[arg(long)]
     serve: bool,
@@ -189,6 +193,7 @@ fn run(cli: Cli) -> Result<()> {
                 prompt_tokens: args.prompt_tokens,
                 decode_tokens: args.decode_tokens,
                 runs: args.runs.max(1),
+                llama_cpp: args.llama_cpp,
             },
             threads,
         )?,
