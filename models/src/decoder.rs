@@ -24,6 +24,46 @@ pub struct LayerWeights {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// q, k and v as one matmul, when their kernels allow (see [`Linear::fuse`]).
+    pub(crate) qkv: Option<Linear>,
+    /// gate and up as one matmul, likewise.
+    pub(crate) gate_up: Option<Linear>,
+}
+
+impl LayerWeights {
+    /// Fuses the projections that share an input, where the weights allow it.
+    pub(crate) fn fuse_projections(&mut self) -> Result<()> {
+        self.qkv = Linear::fuse(&mut [&mut self.q, &mut self.k, &mut self.v])?;
+        self.gate_up = Linear::fuse(&mut [&mut self.gate, &mut self.up])?;
+        Ok(())
+    }
+
+    /// (q, k, v) projections of `x`, (rows, _) each.
+    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let Some(qkv) = &self.qkv else {
+            return Ok((self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?));
+        };
+        let all = qkv.forward(x)?;
+        let (q_dim, kv_dim) = (self.q.out_features(), self.k.out_features());
+        Ok((
+            all.narrow(1, 0, q_dim)?,
+            all.narrow(1, q_dim, kv_dim)?,
+            all.narrow(1, q_dim + kv_dim, kv_dim)?,
+        ))
+    }
+
+    /// silu(gate(x)) * up(x).
+    fn gated(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up) = match &self.gate_up {
+            Some(gate_up) => {
+                let all = gate_up.forward(x)?;
+                let ffn = self.gate.out_features();
+                (all.narrow(1, 0, ffn)?, all.narrow(1, ffn, ffn)?)
+            }
+            None => (self.gate.forward(x)?, self.up.forward(x)?),
+        };
+        candle_nn::ops::silu(&gate)? * up
+    }
 }
 
 /// The weights and hyperparameters of one decoder.
@@ -265,9 +305,7 @@ impl Decoder {
         batch: &mut [SequenceStep<'_>],
     ) -> Result<Tensor> {
         let x = self.rms_norm(&hidden, &layer.attn_norm)?;
-        let q = layer.q.forward(&x)?;
-        let k = layer.k.forward(&x)?;
-        let v = layer.v.forward(&x)?;
+        let (q, k, v) = layer.qkv(&x)?;
         let mut outputs = Vec::with_capacity(batch.len());
         for (step, span) in batch.iter_mut().zip(spans) {
             let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
@@ -302,8 +340,7 @@ impl Decoder {
         };
         let hidden = (hidden + layer.o.forward(&attn)?)?;
         let x = self.rms_norm(&hidden, &layer.ffn_norm)?;
-        let gated = (candle_nn::ops::silu(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?;
-        let mlp = layer.down.forward(&gated)?;
+        let mlp = layer.down.forward(&layer.gated(&x)?)?;
         let mlp = self.row_hooks(mlp, spans, batch, HookPoint::MlpOutput, index)?;
         let hidden = (hidden + mlp)?;
         self.row_hooks(hidden, spans, batch, HookPoint::Residual, index + 1)

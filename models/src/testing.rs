@@ -98,6 +98,8 @@ pub fn random_decoder(cfg: &DecoderConfig, seed: u64, device: &Device) -> Result
             gate: linear(&mut rng, cfg.intermediate_size, d, false)?,
             up: linear(&mut rng, cfg.intermediate_size, d, false)?,
             down: linear(&mut rng, d, cfg.intermediate_size, false)?,
+            qkv: None,
+            gate_up: None,
         });
     }
     let embed = rng.tensor((cfg.vocab_size, d), 1.0, device)?;

@@ -119,7 +119,7 @@ pub(crate) fn build_decoder(
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
-        layers.push(LayerWeights {
+        let mut layer = LayerWeights {
             attn_norm: src.vector(&src.name(WeightName::AttnNorm(l)))?,
             q: linear(src, WeightName::Q(l))?,
             k: linear(src, WeightName::K(l))?,
@@ -129,7 +129,11 @@ pub(crate) fn build_decoder(
             gate: linear(src, WeightName::Gate(l))?,
             up: linear(src, WeightName::Up(l))?,
             down: linear(src, WeightName::Down(l))?,
-        });
+            qkv: None,
+            gate_up: None,
+        };
+        layer.fuse_projections()?;
+        layers.push(layer);
     }
     let embed = src.embedding()?;
     let final_norm = src.vector(&src.name(WeightName::FinalNorm))?;

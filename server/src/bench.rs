@@ -140,12 +140,12 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
     }
 
     println!(
-        "model: {} | threads: {threads} | prompt: {} tokens | decode: {} tokens | median of {} runs | kernel: {:?}",
+        "model: {} | threads: {threads} | prompt: {} tokens | decode: {} tokens | median of {} runs | kernel: {}",
         model.source.path().display(),
         prompt.len(),
         config.decode_tokens,
         config.runs,
-        attune_models::quant::Kernel::detected(),
+        attune_models::quant::Kernel::detected().name(),
     );
     let baseline = median(&rows[0].1);
     let mut header = "| engine | prefill tok/s | decode tok/s | decode vs no hooks |".to_string();

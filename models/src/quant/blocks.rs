@@ -1,15 +1,23 @@
 //! Block layouts and the portable (scalar) dot products.
 //!
-//! Weights keep GGML's on-disk block layout so they are used straight from the file. Activations
-//! are quantized per 32-value block to 8 bits with f32 scales (finer than GGML's f16 Q8_1).
+//! Weights keep GGML's block layouts so they are used straight from the file. Activations are
+//! quantized per 32-value block to 8 bits with f32 scales (finer than GGML's f16 Q8_0/Q8_1).
 
 use half::f16;
 
 /// Values per block in every format here.
 pub const BLOCK: usize = 32;
 
-/// GGML's Q4_1 block: value = d * q + m for 4-bit q; byte j holds value j (low nibble) and
+/// GGML's Q4_0 block: value = d * (q - 8) for 4-bit q; byte j holds value j (low nibble) and
 /// value j + 16 (high nibble).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; BLOCK / 2],
+}
+
+/// GGML's Q4_1 block: value = d * q + m, nibbles as in Q4_0.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct BlockQ4_1 {
@@ -17,9 +25,20 @@ pub struct BlockQ4_1 {
     pub m: f16,
     pub qs: [u8; BLOCK / 2],
 }
-const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
-/// An activation block: value ≈ d * q; `sum` = d * Σq, which Q4_1's offset term needs.
+/// GGML's Q8_0 block: value = d * q.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; BLOCK],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// An activation block: value ≈ d * q; `sum` = d * Σq, which the offset of Q4_0/Q4_1 needs.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct BlockQ8 {
@@ -56,17 +75,46 @@ pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
+/// Σq_w·q_a of one 4-bit block against an activation block.
+fn nibble_dot(qs: &[u8; BLOCK / 2], a: &BlockQ8) -> i32 {
+    (0..BLOCK / 2)
+        .map(|j| (qs[j] & 0x0F) as i32 * a.qs[j] as i32 + (qs[j] >> 4) as i32 * a.qs[j + 16] as i32)
+        .sum()
+}
+
+/// Σ over blocks of d_w·d_a·Σ(q_w·q_a) − 8·d_w·sum_a.
+pub fn dot_q4_0(w: &[BlockQ4_0], a: &[BlockQ8]) -> f32 {
+    w.iter()
+        .zip(a)
+        .map(|(wb, ab)| {
+            let d = wb.d.to_f32();
+            d * ab.d * nibble_dot(&wb.qs, ab) as f32 - 8.0 * d * ab.sum
+        })
+        .sum()
+}
+
 /// Σ over blocks of d_w·d_a·Σ(q_w·q_a) + m_w·sum_a.
-pub fn dot_q4_1_scalar(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
-    let mut total = 0f32;
-    for (wb, ab) in w.iter().zip(a) {
-        let mut int_dot = 0i32;
-        for j in 0..BLOCK / 2 {
-            let lo = (wb.qs[j] & 0x0F) as i32;
-            let hi = (wb.qs[j] >> 4) as i32;
-            int_dot += lo * ab.qs[j] as i32 + hi * ab.qs[j + BLOCK / 2] as i32;
-        }
-        total += wb.d.to_f32() * ab.d * int_dot as f32 + wb.m.to_f32() * ab.sum;
-    }
-    total
+pub fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
+    w.iter()
+        .zip(a)
+        .map(|(wb, ab)| {
+            wb.d.to_f32() * ab.d * nibble_dot(&wb.qs, ab) as f32 + wb.m.to_f32() * ab.sum
+        })
+        .sum()
+}
+
+/// Σ over blocks of d_w·d_a·Σ(q_w·q_a).
+pub fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
+    w.iter()
+        .zip(a)
+        .map(|(wb, ab)| {
+            let int_dot: i32 = wb
+                .qs
+                .iter()
+                .zip(&ab.qs)
+                .map(|(&x, &y)| x as i32 * y as i32)
+                .sum();
+            wb.d.to_f32() * ab.d * int_dot as f32
+        })
+        .sum()
 }

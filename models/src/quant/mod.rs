@@ -1,15 +1,17 @@
-//! Quantized matrix × f32 activations on the CPU for the GGUF formats candle has no SIMD kernel
-//! for (Q4_1), with the instruction set chosen at run time so a default build is fast on any
-//! x86-64. Candle's `QMatMul` stays the path for the other formats (its Q4_0, Q8_0 and K-quant
-//! kernels already dispatch at run time) and the oracle these kernels are tested against.
+//! Quantized matrix × f32 activations on the CPU for GGUF's Q4_0, Q4_1 and Q8_0, with the
+//! instruction set chosen at run time so a default build is fast on any x86-64 (other targets
+//! get the portable kernel). Candle's `QMatMul` stays the path for K-quants (its kernels already
+//! dispatch at run time), dense and GPU weights, and is the oracle these kernels are tested
+//! against.
 
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
-pub use blocks::{quantize_row, BlockQ4_1, BlockQ8, BLOCK};
+pub use blocks::{quantize_row, BlockQ4_0, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::f16;
 use std::sync::{Arc, OnceLock};
 
 /// Which dot-product implementation this CPU runs.
@@ -18,84 +20,218 @@ pub enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with the VEX-encoded VNNI byte dot product (Intel Alder Lake and later).
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    /// AVX2 with AVX-512 VNNI on 256-bit registers (Intel Ice Lake and later, AMD Zen 4).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU supports (detected once).
+    /// The fastest kernel this CPU supports (detected once), or the one named by
+    /// `ATTUNE_CPU_KERNEL` (scalar, avx2, avx_vnni, avx512_vnni) when this CPU has it: for
+    /// measuring what a smaller CPU would get.
     pub fn detected() -> Self {
         static DETECTED: OnceLock<Kernel> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Kernel::Avx2;
+            let available = Self::available();
+            let requested = std::env::var("ATTUNE_CPU_KERNEL").ok();
+            match requested.and_then(|name| available.iter().find(|k| k.name() == name)) {
+                Some(kernel) => *kernel,
+                None => *available.last().expect("scalar is always available"),
             }
-            Kernel::Scalar
         })
     }
 
-    fn dot_q4_1(self, w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
+    pub fn name(self) -> &'static str {
         match self {
-            Kernel::Scalar => blocks::dot_q4_1_scalar(w, a),
-            // SAFETY: `detected` only picks Avx2 on CPUs with AVX2, FMA and F16C; callers pass
-            // slices of one row length.
+            Kernel::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot_q4_1(w, a) },
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => "avx_vnni",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512_vnni",
         }
+    }
+
+    /// Every kernel this CPU can run, slowest first.
+    pub fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            kernels.push(Kernel::Avx2);
+            if is_x86_feature_detected!("avxvnni") {
+                kernels.push(Kernel::AvxVnni);
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                kernels.push(Kernel::Avx512Vnni);
+            }
+        }
+        kernels
     }
 }
 
-/// A Q4_1 weight matrix (out_features, in_features), blocks row-major as in the GGUF file.
+/// A weight matrix's blocks, row-major as in the GGUF file.
 #[derive(Debug, Clone)]
-pub struct Q4_1Matrix {
+enum Blocks {
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// Dispatches one row's dot product to `$kernel`'s implementation of the format `$f`.
+macro_rules! dispatch {
+    ($kernel:expr, $f:ident, $w:expr, $a:expr) => {
+        match $kernel {
+            Kernel::Scalar => blocks::$f($w, $a),
+            // SAFETY: `Kernel::available` lists a SIMD kernel only on CPUs with its features;
+            // rows and activations have the same number of blocks (checked by `matmul_with`).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::avx2::$f($w, $a) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => unsafe { x86::avx_vnni::$f($w, $a) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$f($w, $a) },
+        }
+    };
+}
+
+/// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1 or Q8_0: rows
+/// `first_row..first_row + rows` of shared block storage (several matrices can be views of one
+/// stacked matrix).
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
     rows: usize,
     cols: usize,
-    blocks: Vec<BlockQ4_1>,
+    first_row: usize,
+    blocks: Arc<Blocks>,
 }
 
-impl Q4_1Matrix {
-    /// Takes a Q4_1 `QTensor` of shape (out, in); `None` for any other format.
+fn f16_at(b: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([b[at], b[at + 1]])
+}
+
+impl QuantMatrix {
+    /// Takes a `QTensor` of shape (out, in) in a format these kernels serve; `None` otherwise.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
-        if t.dtype() != GgmlDType::Q4_1 {
-            return Ok(None);
-        }
-        let (rows, cols) = t.shape().dims2()?;
+        let (rows, cols) = match t.shape().dims() {
+            &[rows, cols] => (rows, cols),
+            _ => return Ok(None),
+        };
         let bytes = t.data()?;
-        let size = std::mem::size_of::<BlockQ4_1>();
-        let blocks = bytes
-            .chunks_exact(size)
-            .map(|b| BlockQ4_1 {
-                d: half::f16::from_le_bytes([b[0], b[1]]),
-                m: half::f16::from_le_bytes([b[2], b[3]]),
-                qs: b[4..size].try_into().expect("16 bytes"),
-            })
-            .collect::<Vec<_>>();
-        if cols % BLOCK != 0 || blocks.len() != rows * cols / BLOCK {
+        let blocks = match t.dtype() {
+            GgmlDType::Q4_0 => Blocks::Q4_0(
+                bytes
+                    .chunks_exact(18)
+                    .map(|b| BlockQ4_0 {
+                        d: f16_at(b, 0),
+                        qs: b[2..].try_into().expect("16 bytes"),
+                    })
+                    .collect(),
+            ),
+            GgmlDType::Q4_1 => Blocks::Q4_1(
+                bytes
+                    .chunks_exact(20)
+                    .map(|b| BlockQ4_1 {
+                        d: f16_at(b, 0),
+                        m: f16_at(b, 2),
+                        qs: b[4..].try_into().expect("16 bytes"),
+                    })
+                    .collect(),
+            ),
+            GgmlDType::Q8_0 => Blocks::Q8_0(
+                bytes
+                    .chunks_exact(34)
+                    .map(|b| BlockQ8_0 {
+                        d: f16_at(b, 0),
+                        qs: std::array::from_fn(|i| b[2 + i] as i8),
+                    })
+                    .collect(),
+            ),
+            _ => return Ok(None),
+        };
+        let matrix = Self {
+            rows,
+            cols,
+            first_row: 0,
+            blocks: Arc::new(blocks),
+        };
+        if cols % BLOCK != 0 || matrix.block_count() != rows * cols / BLOCK {
             candle_core::bail!(
-                "Q4_1 tensor of shape ({rows}, {cols}) has {} blocks",
-                blocks.len()
+                "quantized tensor of shape ({rows}, {cols}) has {} blocks",
+                matrix.block_count()
             );
         }
-        Ok(Some(Self { rows, cols, blocks }))
+        Ok(Some(matrix))
     }
 
-    /// Stacks matrices with the same input size into one whose outputs are theirs in order, so
-    /// projections of the same input (q, k, v; gate, up) run as one matmul.
+    fn block_count(&self) -> usize {
+        match self.blocks.as_ref() {
+            Blocks::Q4_0(b) => b.len(),
+            Blocks::Q4_1(b) => b.len(),
+            Blocks::Q8_0(b) => b.len(),
+        }
+    }
+
+    /// Stacks matrices of one format and input size into one whose outputs are theirs in
+    /// order, so projections of the same input (q, k, v; gate, up) run as one matmul.
     pub fn stack(parts: &[&Self]) -> Result<Self> {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        if parts.iter().any(|p| p.cols != cols) {
-            candle_core::bail!("stacked matrices must share their input size");
+        let Some(first) = parts.first() else {
+            candle_core::bail!("nothing to stack");
+        };
+        let mut blocks = first.own_blocks();
+        for part in &parts[1..] {
+            if part.cols != first.cols {
+                candle_core::bail!("stacked matrices must share their input size");
+            }
+            match (&mut blocks, part.own_blocks()) {
+                (Blocks::Q4_0(all), Blocks::Q4_0(more)) => all.extend(more),
+                (Blocks::Q4_1(all), Blocks::Q4_1(more)) => all.extend(more),
+                (Blocks::Q8_0(all), Blocks::Q8_0(more)) => all.extend(more),
+                _ => candle_core::bail!("stacked matrices must share their format"),
+            }
         }
         Ok(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
-            cols,
-            blocks: parts
-                .iter()
-                .flat_map(|p| p.blocks.iter().copied())
-                .collect(),
+            cols: first.cols,
+            first_row: 0,
+            blocks: Arc::new(blocks),
         })
+    }
+
+    /// A copy of this matrix's own rows.
+    fn own_blocks(&self) -> Blocks {
+        let range = self.block_range(0..self.rows);
+        match self.blocks.as_ref() {
+            Blocks::Q4_0(b) => Blocks::Q4_0(b[range].to_vec()),
+            Blocks::Q4_1(b) => Blocks::Q4_1(b[range].to_vec()),
+            Blocks::Q8_0(b) => Blocks::Q8_0(b[range].to_vec()),
+        }
+    }
+
+    /// Rows `rows` of this matrix, sharing its storage.
+    pub fn view(&self, rows: std::ops::Range<usize>) -> Result<Self> {
+        if rows.start > rows.end || rows.end > self.rows {
+            candle_core::bail!("rows {rows:?} of a {}-row matrix", self.rows);
+        }
+        Ok(Self {
+            rows: rows.len(),
+            cols: self.cols,
+            first_row: self.first_row + rows.start,
+            blocks: self.blocks.clone(),
+        })
+    }
+
+    /// Indices in the shared storage of the blocks of (view-relative) `rows`.
+    fn block_range(&self, rows: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let n = self.cols / BLOCK;
+        (self.first_row + rows.start) * n..(self.first_row + rows.end) * n
     }
 
     pub fn rows(&self) -> usize {
@@ -106,9 +242,14 @@ impl Q4_1Matrix {
         self.cols
     }
 
-    fn row(&self, r: usize) -> &[BlockQ4_1] {
-        let per_row = self.cols / BLOCK;
-        &self.blocks[r * per_row..(r + 1) * per_row]
+    /// Weight row `r` · activation row `a`.
+    fn dot(&self, kernel: Kernel, r: usize, a: &[BlockQ8]) -> f32 {
+        let row = self.block_range(r..r + 1);
+        match self.blocks.as_ref() {
+            Blocks::Q4_0(b) => dispatch!(kernel, dot_q4_0, &b[row], a),
+            Blocks::Q4_1(b) => dispatch!(kernel, dot_q4_1, &b[row], a),
+            Blocks::Q8_0(b) => dispatch!(kernel, dot_q8_0, &b[row], a),
+        }
     }
 
     /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Output rows are split over
@@ -129,11 +270,10 @@ impl Q4_1Matrix {
         let out_addr = out.as_mut_ptr() as usize;
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
             for r in range {
-                let w = self.row(r);
                 for (i, a) in acts.chunks_exact(per_row).enumerate() {
                     // SAFETY: (i, r) is in bounds (asserted sizes) and each r belongs to exactly
                     // one chunk, so no two workers write the same element.
-                    unsafe { *(out_addr as *mut f32).add(i * n + r) = kernel.dot_q4_1(w, a) };
+                    unsafe { *(out_addr as *mut f32).add(i * n + r) = self.dot(kernel, r, a) };
                 }
             }
         });
@@ -145,27 +285,27 @@ impl Q4_1Matrix {
     }
 }
 
-/// `x` (.., in) → (.., out) through a [`Q4_1Matrix`], as a candle op on CPU f32 tensors.
+/// `x` (.., in) → (.., out) through a [`QuantMatrix`], as a candle op on CPU f32 tensors.
 #[derive(Debug, Clone)]
-pub struct Q4_1MatMul(pub Arc<Q4_1Matrix>);
+pub struct QuantMatMul(pub Arc<QuantMatrix>);
 
-impl CustomOp1 for Q4_1MatMul {
+impl CustomOp1 for QuantMatMul {
     fn name(&self) -> &'static str {
-        "q4_1-matmul"
+        "quantized-matmul"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("the Q4_1 kernel takes f32 activations");
+            candle_core::bail!("the quantized kernels take f32 activations");
         };
         let Some(x) = layout.contiguous_offsets().map(|(a, b)| &data[a..b]) else {
-            candle_core::bail!("the Q4_1 kernel takes contiguous activations");
+            candle_core::bail!("the quantized kernels take contiguous activations");
         };
         let dims = layout.shape().dims();
         let cols = *dims.last().unwrap_or(&0);
         if cols != self.0.cols {
             candle_core::bail!(
-                "Q4_1 matmul: input has {cols} features, weight takes {}",
+                "quantized matmul: input has {cols} features, weight takes {}",
                 self.0.cols
             );
         }
@@ -178,7 +318,7 @@ impl CustomOp1 for Q4_1MatMul {
     }
 }
 
-impl Q4_1MatMul {
+impl QuantMatMul {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1_no_bwd(self)
     }
