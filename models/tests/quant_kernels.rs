@@ -144,3 +144,28 @@ fn formats_without_our_kernel_are_left_to_candle() {
         );
     }
 }
+
+/// A row's result must not depend on how many rows share the call (batched sequences must get
+/// the logits they would get alone).
+#[test]
+fn a_rows_result_is_the_same_alone_or_in_a_batch() {
+    let mut rng = SeededRng::new(13);
+    for format in FORMATS {
+        let matrix = random_matrix(&mut rng, 40, 96, format);
+        let m = 11;
+        let x: Vec<f32> = (0..m * 96).map(|_| rng.next_f32()).collect();
+        for kernel in Kernel::available() {
+            let mut batched = vec![0f32; m * 40];
+            matrix.matmul_with(kernel, &x, m, &mut batched);
+            for i in 0..m {
+                let mut alone = vec![0f32; 40];
+                matrix.matmul_with(kernel, &x[i * 96..(i + 1) * 96], 1, &mut alone);
+                assert_eq!(
+                    &batched[i * 40..(i + 1) * 40],
+                    &alone[..],
+                    "{format:?} {kernel:?} row {i}"
+                );
+            }
+        }
+    }
+}

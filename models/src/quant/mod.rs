@@ -77,6 +77,9 @@ impl Kernel {
     }
 }
 
+/// Activation rows that share one unpacking of each weight block in a batched matmul.
+const SHARED_ROWS: usize = 4;
+
 /// A weight matrix's blocks, row-major as in the GGUF file.
 #[derive(Debug, Clone)]
 enum Blocks {
@@ -252,9 +255,39 @@ impl QuantMatrix {
         }
     }
 
+    /// Weight row `r` · the [`SHARED_ROWS`] activation rows in `a` (back to back): the SIMD
+    /// kernels unpack each weight block once for all of them.
+    fn dot_shared(&self, kernel: Kernel, r: usize, a: &[BlockQ8], out: &mut [f32; SHARED_ROWS]) {
+        let row = self.block_range(r..r + 1);
+        macro_rules! rows {
+            ($blocks:expr, $single:ident, $shared:ident) => {{
+                let w = &$blocks[row];
+                match kernel {
+                    Kernel::Scalar => {
+                        for (o, a) in out.iter_mut().zip(a.chunks_exact(w.len())) {
+                            *o = blocks::$single(w, a);
+                        }
+                    }
+                    // SAFETY: as in `dispatch!`; `a` holds SHARED_ROWS rows of w.len() blocks.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { x86::avx2::$shared(w, a, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::AvxVnni => unsafe { x86::avx_vnni::$shared(w, a, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$shared(w, a, out) },
+                }
+            }};
+        }
+        match self.blocks.as_ref() {
+            Blocks::Q4_0(b) => rows!(b, dot_q4_0, dot_q4_0_rows),
+            Blocks::Q4_1(b) => rows!(b, dot_q4_1, dot_q4_1_rows),
+            Blocks::Q8_0(b) => rows!(b, dot_q8_0, dot_q8_0_rows),
+        }
+    }
+
     /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Output rows are split over
     /// candle's CPU worker pool; every activation row is quantized once per call and each weight
-    /// row is read once for all `m` activation rows.
+    /// row is read once for all `m` activation rows, unpacked once per [`SHARED_ROWS`] of them.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.cols, "activation size");
         assert_eq!(out.len(), m * self.rows, "output size");
@@ -268,12 +301,30 @@ impl QuantMatrix {
         }
         let n = self.rows;
         let out_addr = out.as_mut_ptr() as usize;
+        // SAFETY (for the raw writes): (i, r) is in bounds (asserted sizes) and each r belongs to
+        // exactly one chunk, so no two workers write the same element.
+        let write = |i: usize, r: usize, value: f32| unsafe {
+            *(out_addr as *mut f32).add(i * n + r) = value
+        };
+        let grouped = m - m % SHARED_ROWS;
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+            let mut shared = [0f32; SHARED_ROWS];
             for r in range {
-                for (i, a) in acts.chunks_exact(per_row).enumerate() {
-                    // SAFETY: (i, r) is in bounds (asserted sizes) and each r belongs to exactly
-                    // one chunk, so no two workers write the same element.
-                    unsafe { *(out_addr as *mut f32).add(i * n + r) = self.dot(kernel, r, a) };
+                for (g, a) in acts[..grouped * per_row]
+                    .chunks_exact(SHARED_ROWS * per_row)
+                    .enumerate()
+                {
+                    self.dot_shared(kernel, r, a, &mut shared);
+                    for (k, &value) in shared.iter().enumerate() {
+                        write(g * SHARED_ROWS + k, r, value);
+                    }
+                }
+                for i in grouped..m {
+                    write(
+                        i,
+                        r,
+                        self.dot(kernel, r, &acts[i * per_row..(i + 1) * per_row]),
+                    );
                 }
             }
         });

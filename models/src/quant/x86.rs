@@ -6,30 +6,48 @@
 use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8, BlockQ8_0};
 use std::arch::x86_64::*;
 
-/// Runs `$block` (giving a block's i32 partial sums and [d_w, m_w, ..]) over `$w` and `$a` with
-/// even and odd blocks on separate accumulators, and returns the dot product.
-macro_rules! two_chains {
-    ($w:expr, $a:expr, |$wb:ident, $ab:ident| $block:expr) => {{
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offsets = _mm_setzero_ps();
-        let pairs = $w.len() / 2;
-        for p in 0..pairs {
-            let ($wb, $ab) = ($w.get_unchecked(2 * p), $a.get_unchecked(2 * p));
-            let (ints, dm) = $block;
-            accumulate(ints, dm, $ab, &mut acc0, &mut offsets);
-            let ($wb, $ab) = ($w.get_unchecked(2 * p + 1), $a.get_unchecked(2 * p + 1));
-            let (ints, dm) = $block;
-            accumulate(ints, dm, $ab, &mut acc1, &mut offsets);
+/// Dot products of one weight row with `R` activation rows (`$a` holds them back to back): each
+/// weight block is unpacked once by `$weight` (giving its byte operand and [d_w, m_w, ..]) and
+/// multiplied into every activation row by `$ints`. Even and odd blocks go to separate
+/// accumulators (two FMA chains). A row's result is the same whatever `R` it is computed in, so a
+/// sequence gets identical logits alone or batched.
+macro_rules! shared_weight_rows {
+    ($w:expr, $a:expr, $out:expr, $R:expr, |$wb:ident| $weight:expr, |$wq:ident, $ab:ident| $ints:expr) => {{
+        let n = $w.len();
+        let mut even = [_mm256_setzero_ps(); $R];
+        let mut odd = [_mm256_setzero_ps(); $R];
+        let mut offsets = [_mm_setzero_ps(); $R];
+        // Written out twice rather than indexing the chain by parity, which keeps the
+        // accumulators in registers.
+        for pair in 0..n / 2 {
+            let b = 2 * pair;
+            let $wb = $w.get_unchecked(b);
+            let ($wq, dm) = $weight;
+            for r in 0..$R {
+                let $ab = $a.get_unchecked(r * n + b);
+                let ints = $ints;
+                accumulate(ints, dm, $ab, &mut even[r], &mut offsets[r]);
+            }
+            let $wb = $w.get_unchecked(b + 1);
+            let ($wq, dm) = $weight;
+            for r in 0..$R {
+                let $ab = $a.get_unchecked(r * n + b + 1);
+                let ints = $ints;
+                accumulate(ints, dm, $ab, &mut odd[r], &mut offsets[r]);
+            }
         }
-        if $w.len() % 2 == 1 {
-            let ($wb, $ab) = (
-                $w.get_unchecked($w.len() - 1),
-                $a.get_unchecked($w.len() - 1),
-            );
-            let (ints, dm) = $block;
-            accumulate(ints, dm, $ab, &mut acc0, &mut offsets);
+        if n % 2 == 1 {
+            let $wb = $w.get_unchecked(n - 1);
+            let ($wq, dm) = $weight;
+            for r in 0..$R {
+                let $ab = $a.get_unchecked(r * n + n - 1);
+                let ints = $ints;
+                accumulate(ints, dm, $ab, &mut even[r], &mut offsets[r]);
+            }
         }
-        finish(acc0, acc1, offsets)
+        for r in 0..$R {
+            $out[r] = finish(even[r], odd[r], offsets[r]);
+        }
     }};
 }
 
@@ -103,38 +121,102 @@ macro_rules! kernels {
             /// The CPU has this module's features; `w` and `a` have the same length.
             #[target_feature(enable = $features)]
             pub unsafe fn dot_q4_0(w: &[BlockQ4_0], a: &[BlockQ8]) -> f32 {
-                let minus_eight = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
-                two_chains!(w, a, |wb, ab| {
-                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32));
-                    let dm = _mm_mul_ps(_mm_shuffle_ps(d, d, 0), minus_eight);
-                    (dot_u8_i8(unpack_nibbles(&wb.qs), acts(ab)), dm)
-                })
+                let mut out = [0f32];
+                dot_q4_0_rows::<1>(w, a, &mut out);
+                out[0]
             }
 
             /// # Safety
             /// The CPU has this module's features; `w` and `a` have the same length.
             #[target_feature(enable = $features)]
             pub unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
-                two_chains!(w, a, |wb, ab| {
-                    // d and m are adjacent f16s: one 32-bit load converts both.
-                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                        wb as *const BlockQ4_1 as *const i32,
-                    )));
-                    (dot_u8_i8(unpack_nibbles(&wb.qs), acts(ab)), dm)
-                })
+                let mut out = [0f32];
+                dot_q4_1_rows::<1>(w, a, &mut out);
+                out[0]
             }
 
             /// # Safety
             /// The CPU has this module's features; `w` and `a` have the same length.
             #[target_feature(enable = $features)]
             pub unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
-                two_chains!(w, a, |wb, ab| {
-                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32));
-                    let q = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
-                    // |w| as unsigned times a with w's sign: the same products, u8 × i8.
-                    let ints = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(acts(ab), q));
-                    (ints, d)
-                })
+                let mut out = [0f32];
+                dot_q8_0_rows::<1>(w, a, &mut out);
+                out[0]
+            }
+
+            /// One weight row (Q4_0) with `R` activation rows stored back to back.
+            ///
+            /// # Safety
+            /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_q4_0_rows<const R: usize>(
+                w: &[BlockQ4_0],
+                a: &[BlockQ8],
+                out: &mut [f32; R],
+            ) {
+                let minus_eight = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
+                shared_weight_rows!(
+                    w,
+                    a,
+                    out,
+                    R,
+                    |wb| {
+                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32));
+                        (
+                            unpack_nibbles(&wb.qs),
+                            _mm_mul_ps(_mm_shuffle_ps(d, d, 0), minus_eight),
+                        )
+                    },
+                    |wq, ab| dot_u8_i8(wq, acts(ab))
+                )
+            }
+
+            /// One weight row (Q4_1) with `R` activation rows stored back to back.
+            ///
+            /// # Safety
+            /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_q4_1_rows<const R: usize>(
+                w: &[BlockQ4_1],
+                a: &[BlockQ8],
+                out: &mut [f32; R],
+            ) {
+                shared_weight_rows!(
+                    w,
+                    a,
+                    out,
+                    R,
+                    |wb| {
+                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                            wb as *const BlockQ4_1 as *const i32,
+                        )));
+                        (unpack_nibbles(&wb.qs), dm)
+                    },
+                    |wq, ab| dot_u8_i8(wq, acts(ab))
+                )
+            }
+
+            /// One weight row (Q8_0) with `R` activation rows stored back to back.
+            ///
+            /// # Safety
+            /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_q8_0_rows<const R: usize>(
+                w: &[BlockQ8_0],
+                a: &[BlockQ8],
+                out: &mut [f32; R],
+            ) {
+                shared_weight_rows!(
+                    w,
+                    a,
+                    out,
+                    R,
+                    |wb| {
+                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32));
+                        (_mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i), d)
+                    },
+                    |q, ab| dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(acts(ab), q))
+                )
             }
         }
     };
