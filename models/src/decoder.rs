@@ -7,6 +7,7 @@
 //! padding masks are needed and each sequence's hooks see only its own rows.
 
 use crate::arch::DecoderConfig;
+use crate::embedding::Embedding;
 use crate::hooks::{AttentionSite, HookPoint, RowSite, SequenceHooks};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -71,8 +72,7 @@ impl LayerWeights {
 pub struct Decoder {
     cfg: DecoderConfig,
     rope: Rope,
-    /// (vocab, hidden), in the compute dtype, for lookups.
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<LayerWeights>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -157,12 +157,12 @@ impl Decoder {
     pub fn new(
         cfg: DecoderConfig,
         rope: Rope,
-        embed: Tensor,
+        embed: Embedding,
         layers: Vec<LayerWeights>,
         final_norm: Tensor,
         lm_head: Linear,
     ) -> Self {
-        let device = embed.device().clone();
+        let device = final_norm.device().clone();
         Self {
             cfg,
             rope,
@@ -183,15 +183,16 @@ impl Decoder {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.final_norm.dtype()
     }
 
     pub fn layers(&self) -> &[LayerWeights] {
         &self.layers
     }
 
-    pub fn embedding_table(&self) -> &Tensor {
-        &self.embed
+    /// The whole embedding table (vocab, hidden), dequantized if it is stored quantized.
+    pub fn embedding_table(&self) -> Result<Tensor> {
+        self.embed.table(&self.device)
     }
 
     pub fn final_norm(&self) -> &Tensor {
@@ -209,8 +210,7 @@ impl Decoder {
 
     /// Token embeddings, (len, hidden).
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::new(tokens, &self.device)?;
-        self.embed.index_select(&ids, 0)
+        self.embed.lookup(tokens, &self.device)
     }
 
     /// Logits from any hidden state (rows, hidden): the residual stream of an intermediate

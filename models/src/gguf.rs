@@ -3,7 +3,9 @@
 
 use crate::arch::DecoderConfig;
 use crate::decoder::Decoder;
-use crate::linear::Linear;
+use crate::embedding::Embedding;
+use crate::linear::{Linear, Weight};
+use crate::quant::{QuantMatMul, QuantMatrix};
 use crate::rope::Rope;
 use crate::weights::{build_decoder, WeightName, WeightSource};
 use anyhow::{Context, Result};
@@ -11,6 +13,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// An open GGUF file with its parsed header.
 pub struct GgufFile {
@@ -70,6 +73,7 @@ impl GgufFile {
             &mut GgufSource {
                 gguf: self,
                 device: device.clone(),
+                quantized_embedding: None,
             },
         )
     }
@@ -78,6 +82,8 @@ impl GgufFile {
 struct GgufSource<'a> {
     gguf: &'a mut GgufFile,
     device: Device,
+    /// The embedding table in our kernels' format, shared by a tied lm_head.
+    quantized_embedding: Option<Arc<QuantMatrix>>,
 }
 
 impl WeightSource for GgufSource<'_> {
@@ -86,8 +92,17 @@ impl WeightSource for GgufSource<'_> {
         Ok(t.dequantize(&self.device)?.to_dtype(DType::F32)?)
     }
 
-    fn embedding(&mut self) -> Result<Tensor> {
-        self.vector(&WeightName::Embedding.gguf())
+    fn embedding(&mut self) -> Result<Embedding> {
+        let name = WeightName::Embedding.gguf();
+        if self.device.is_cpu() {
+            if let Some(table) = QuantMatrix::from_qtensor(&self.gguf.tensor(&name, &self.device)?)?
+            {
+                let table = Arc::new(table);
+                self.quantized_embedding = Some(table.clone());
+                return Ok(Embedding::Quant(table));
+            }
+        }
+        Ok(Embedding::Dense(self.vector(&name)?))
     }
 
     fn linear(&mut self, name: WeightName, bias: Option<String>) -> Result<Linear> {
@@ -97,7 +112,10 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn tied_lm_head(&mut self) -> Result<Linear> {
-        self.linear(WeightName::Embedding, None)
+        match &self.quantized_embedding {
+            Some(table) => Ok(Linear::new(Weight::Quant(QuantMatMul(table.clone())), None)),
+            None => self.linear(WeightName::Embedding, None),
+        }
     }
 
     fn name(&self, name: WeightName) -> String {

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod chat_template;
 pub mod convert;
 pub mod decoder;
+pub mod embedding;
 pub mod fetch;
 pub mod gguf;
 pub mod hooks;

@@ -2,6 +2,7 @@
 
 use crate::arch::DecoderConfig;
 use crate::decoder::Decoder;
+use crate::embedding::Embedding;
 use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{build_decoder, WeightName, WeightSource};
@@ -72,8 +73,8 @@ impl WeightSource for SafetensorsSource {
         Ok(t.to_dtype(DType::F32)?)
     }
 
-    fn embedding(&mut self) -> Result<Tensor> {
-        self.vector(&WeightName::Embedding.hf())
+    fn embedding(&mut self) -> Result<Embedding> {
+        Ok(Embedding::Dense(self.vector(&WeightName::Embedding.hf())?))
     }
 
     fn linear(&mut self, name: WeightName, bias: Option<String>) -> Result<Linear> {
@@ -83,7 +84,10 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn tied_lm_head(&mut self) -> Result<Linear> {
-        Ok(Linear::dense(self.embedding()?, None))
+        Ok(Linear::dense(
+            self.vector(&WeightName::Embedding.hf())?,
+            None,
+        ))
     }
 
     fn name(&self, name: WeightName) -> String {

@@ -2,6 +2,7 @@
 
 use crate::arch::{Architecture, DecoderConfig, RopeLayout};
 use crate::decoder::{Decoder, LayerWeights};
+use crate::embedding::Embedding;
 use crate::linear::Linear;
 use crate::rope::Rope;
 use candle_core::{Device, Result, Tensor};
@@ -112,7 +113,7 @@ pub fn random_decoder(cfg: &DecoderConfig, seed: u64, device: &Device) -> Result
     Ok(Decoder::new(
         cfg.clone(),
         Rope::new(cfg, None),
-        embed,
+        Embedding::Dense(embed),
         layers,
         final_norm,
         lm_head,

@@ -2,6 +2,7 @@
 
 use crate::arch::DecoderConfig;
 use crate::decoder::{Decoder, LayerWeights};
+use crate::embedding::Embedding;
 use crate::linear::Linear;
 use crate::rope::Rope;
 use anyhow::Result;
@@ -94,8 +95,8 @@ impl WeightName {
 pub(crate) trait WeightSource {
     /// A norm weight or bias, dense, in the compute dtype.
     fn vector(&mut self, name: &str) -> Result<Tensor>;
-    /// The embedding table (vocab, hidden), dense, in the compute dtype.
-    fn embedding(&mut self) -> Result<Tensor>;
+    /// The embedding table (vocab, hidden).
+    fn embedding(&mut self) -> Result<Embedding>;
     /// A projection; `bias` names its bias tensor when the model has one.
     fn linear(&mut self, name: WeightName, bias: Option<String>) -> Result<Linear>;
     /// The output projection tied to the embedding table.

@@ -40,7 +40,11 @@ fn write_gguf(model: &Decoder, matrices: GgmlDType, path: &std::path::Path) {
     let mut put = |name: WeightName, t: &Tensor, dtype: GgmlDType| {
         tensors.push((name.gguf(), QTensor::quantize(t, dtype).unwrap()));
     };
-    put(WeightName::Embedding, model.embedding_table(), matrices);
+    put(
+        WeightName::Embedding,
+        &model.embedding_table().unwrap(),
+        matrices,
+    );
     put(WeightName::FinalNorm, model.final_norm(), GgmlDType::F32);
     for (l, layer) in model.layers().iter().enumerate() {
         put(WeightName::AttnNorm(l), &layer.attn_norm, GgmlDType::F32);

@@ -169,3 +169,20 @@ fn a_rows_result_is_the_same_alone_or_in_a_batch() {
         }
     }
 }
+
+/// Rows dequantized for embedding lookups are candle's dequantization, bit for bit.
+#[test]
+fn dequantized_rows_equal_candles() {
+    let mut rng = SeededRng::new(17);
+    for format in FORMATS {
+        let w = rng.tensor((6, 64), 0.5, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, format).unwrap();
+        let want = flat(&q.dequantize(&Device::Cpu).unwrap());
+        let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+        let mut row = vec![0f32; 64];
+        for r in 0..6 {
+            matrix.dequantize_row(r, &mut row);
+            assert_eq!(&row[..], &want[r * 64..(r + 1) * 64], "{format:?} row {r}");
+        }
+    }
+}

@@ -118,3 +118,32 @@ pub fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
         })
         .sum()
 }
+
+/// Values of one 4-bit block: d·(q + shift) + m (GGML's own formulas for Q4_0 and Q4_1).
+fn dequantize_nibbles(qs: &[u8; BLOCK / 2], shift: i8, d: f32, m: f32, out: &mut [f32]) {
+    for (j, &byte) in qs.iter().enumerate() {
+        out[j] = ((byte & 0x0F) as i8 + shift) as f32 * d + m;
+        out[j + BLOCK / 2] = ((byte >> 4) as i8 + shift) as f32 * d + m;
+    }
+}
+
+pub fn dequantize_q4_0(w: &[BlockQ4_0], out: &mut [f32]) {
+    for (b, o) in w.iter().zip(out.chunks_exact_mut(BLOCK)) {
+        dequantize_nibbles(&b.qs, -8, b.d.to_f32(), 0.0, o);
+    }
+}
+
+pub fn dequantize_q4_1(w: &[BlockQ4_1], out: &mut [f32]) {
+    for (b, o) in w.iter().zip(out.chunks_exact_mut(BLOCK)) {
+        dequantize_nibbles(&b.qs, 0, b.d.to_f32(), b.m.to_f32(), o);
+    }
+}
+
+pub fn dequantize_q8_0(w: &[BlockQ8_0], out: &mut [f32]) {
+    for (b, o) in w.iter().zip(out.chunks_exact_mut(BLOCK)) {
+        let d = b.d.to_f32();
+        for (v, &q) in o.iter_mut().zip(&b.qs) {
+            *v = d * q as f32;
+        }
+    }
+}

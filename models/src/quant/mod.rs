@@ -245,6 +245,16 @@ impl QuantMatrix {
         self.cols
     }
 
+    /// Row `r` as f32 values into `out` (`cols` long).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.block_range(r..r + 1);
+        match self.blocks.as_ref() {
+            Blocks::Q4_0(b) => blocks::dequantize_q4_0(&b[row], out),
+            Blocks::Q4_1(b) => blocks::dequantize_q4_1(&b[row], out),
+            Blocks::Q8_0(b) => blocks::dequantize_q8_0(&b[row], out),
+        }
+    }
+
     /// Weight row `r` · activation row `a`.
     fn dot(&self, kernel: Kernel, r: usize, a: &[BlockQ8]) -> f32 {
         let row = self.block_range(r..r + 1);
