@@ -67,7 +67,10 @@ pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut total = 0i32;
         for (q, v) in block.qs.iter_mut().zip(values) {
-            *q = (v * inv).round() as i8;
+            // Round half away from zero, as `f32::round` does, without its libm call (a default
+            // x86-64 build has no rounding instruction).
+            let scaled = v * inv;
+            *q = (scaled + 0.5f32.copysign(scaled)) as i8;
             total += *q as i32;
         }
         block.d = d;

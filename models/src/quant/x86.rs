@@ -1,52 +1,32 @@
 //! x86-64 dot products of weight blocks with activation blocks, one module per instruction set
 //! (chosen at run time by [`super::Kernel::detected`]). All share one shape: per block an 8-lane
-//! i32 vector of Σq_w·q_a partial sums, scaled by d_w·d_a into one of two f32 accumulators (two
-//! break the FMA dependency chain), plus the scalar offset term m_w·sum_a of Q4_0/Q4_1.
+//! i32 vector of Σq_w·q_a partial sums, scaled by d_w·d_a into an f32 accumulator, plus the
+//! scalar offset term m_w·sum_a of Q4_0/Q4_1.
 
 use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8, BlockQ8_0};
 use std::arch::x86_64::*;
 
 /// Dot products of one weight row with `R` activation rows (`$a` holds them back to back): each
 /// weight block is unpacked once by `$weight` (giving its byte operand and [d_w, m_w, ..]) and
-/// multiplied into every activation row by `$ints`. Even and odd blocks go to separate
-/// accumulators (two FMA chains). A row's result is the same whatever `R` it is computed in, so a
-/// sequence gets identical logits alone or batched.
+/// multiplied into every activation row by `$ints`. One accumulator per row (a second chain per
+/// row measured slower: the registers spill). A row's result is the same whatever `R` it is
+/// computed in, so a sequence gets identical logits alone or batched.
 macro_rules! shared_weight_rows {
     ($w:expr, $a:expr, $out:expr, $R:expr, |$wb:ident| $weight:expr, |$wq:ident, $ab:ident| $ints:expr) => {{
         let n = $w.len();
-        let mut even = [_mm256_setzero_ps(); $R];
-        let mut odd = [_mm256_setzero_ps(); $R];
+        let mut acc = [_mm256_setzero_ps(); $R];
         let mut offsets = [_mm_setzero_ps(); $R];
-        // Written out twice rather than indexing the chain by parity, which keeps the
-        // accumulators in registers.
-        for pair in 0..n / 2 {
-            let b = 2 * pair;
+        for b in 0..n {
             let $wb = $w.get_unchecked(b);
             let ($wq, dm) = $weight;
             for r in 0..$R {
                 let $ab = $a.get_unchecked(r * n + b);
                 let ints = $ints;
-                accumulate(ints, dm, $ab, &mut even[r], &mut offsets[r]);
-            }
-            let $wb = $w.get_unchecked(b + 1);
-            let ($wq, dm) = $weight;
-            for r in 0..$R {
-                let $ab = $a.get_unchecked(r * n + b + 1);
-                let ints = $ints;
-                accumulate(ints, dm, $ab, &mut odd[r], &mut offsets[r]);
-            }
-        }
-        if n % 2 == 1 {
-            let $wb = $w.get_unchecked(n - 1);
-            let ($wq, dm) = $weight;
-            for r in 0..$R {
-                let $ab = $a.get_unchecked(r * n + n - 1);
-                let ints = $ints;
-                accumulate(ints, dm, $ab, &mut even[r], &mut offsets[r]);
+                accumulate(ints, dm, $ab, &mut acc[r], &mut offsets[r]);
             }
         }
         for r in 0..$R {
-            $out[r] = finish(even[r], odd[r], offsets[r]);
+            $out[r] = finish(acc[r], offsets[r]);
         }
     }};
 }
@@ -109,9 +89,8 @@ macro_rules! kernels {
 
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn finish(acc0: __m256, acc1: __m256, offsets: __m128) -> f32 {
-                let v = _mm256_add_ps(acc0, acc1);
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            unsafe fn finish(acc: __m256, offsets: __m128) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_add_ss(s, _mm_movehdup_ps(s));
                 _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_movehdup_ps(offsets))
