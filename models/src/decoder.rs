@@ -7,12 +7,13 @@
 //! padding masks are needed and each sequence's hooks see only its own rows.
 
 use crate::arch::DecoderConfig;
+use crate::cpu_attention::{softmax_rows, DecodeQuery};
 use crate::embedding::Embedding;
 use crate::hooks::{AttentionSite, HookPoint, RowSite, SequenceHooks};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::rope::{Rope, RopeTables};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
@@ -371,6 +372,9 @@ impl Decoder {
             Some(hooks) if q_len == 1 => hooks.select_keys(&site)?,
             _ => None,
         };
+        if q_len == 1 && self.device.is_cpu() && q.dtype() == DType::F32 {
+            return self.decode_attention_cpu(site, q, selection.as_ref(), step);
+        }
         let (k, v) = match &selection {
             Some(idx) => {
                 // Gather from the contiguous buffers: only the selected rows are read.
@@ -414,6 +418,70 @@ impl Decoder {
             out = hooks.head_outputs(&site, out)?;
         }
         out.transpose(0, 1)?.reshape((q_len, heads * head_dim))
+    }
+
+    /// [`Self::attention`] of one query on the CPU (see [`crate::cpu_attention`]); the same
+    /// hooks at the same points, with the same tensor shapes.
+    fn decode_attention_cpu<'s>(
+        &self,
+        mut site: AttentionSite<'s>,
+        q: &Tensor,
+        selection: Option<&'s Tensor>,
+        step: &mut SequenceStep<'_>,
+    ) -> Result<Tensor> {
+        let (heads, _, head_dim) = q.dims3()?;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let keys = selection
+            .map(|idx| idx.flatten_all()?.to_vec1::<u32>())
+            .transpose()?;
+        site.selected_keys = selection;
+        let (k_buf, v_buf) = step
+            .cache
+            .buffers(site.layer)
+            .ok_or_else(|| candle_core::Error::msg("attention before any cache write"))?;
+        let (k_storage, k_layout) = k_buf.storage_and_layout();
+        let (v_storage, v_layout) = v_buf.storage_and_layout();
+        let query = DecodeQuery {
+            q: &q,
+            k: cpu_f32(&k_storage, k_layout)?,
+            v: cpu_f32(&v_storage, v_layout)?,
+            heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim,
+            capacity: k_buf.dim(1)?,
+            keys: keys.as_deref(),
+            key_len: site.key_len,
+        };
+        let n = query.n_keys();
+        let mut scores = query.scores();
+        if let (None, Some(window)) = (selection, self.cfg.sliding_window) {
+            // Keys more than `window` positions back are out of sight (as in `mask`).
+            let hidden = site.key_len.saturating_sub(window);
+            for row in scores.chunks_exact_mut(n) {
+                row[..hidden].fill(f32::NEG_INFINITY);
+            }
+        }
+        let as_tensor =
+            |data: Vec<f32>, last: usize| Tensor::from_vec(data, (heads, 1, last), &self.device);
+        if let Some(hooks) = step.hooks_for(HookPoint::Scores, site.layer) {
+            scores = hooks
+                .scores(&site, as_tensor(scores, n)?)?
+                .flatten_all()?
+                .to_vec1()?;
+        }
+        softmax_rows(&mut scores, n);
+        let mut probs = scores;
+        if let Some(hooks) = step.hooks_for(HookPoint::Probs, site.layer) {
+            probs = hooks
+                .probs(&site, as_tensor(probs, n)?)?
+                .flatten_all()?
+                .to_vec1()?;
+        }
+        let mut out = as_tensor(query.weighted_values(&probs), head_dim)?;
+        if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, site.layer) {
+            out = hooks.head_outputs(&site, out)?;
+        }
+        out.reshape((1, heads * head_dim))
     }
 
     /// Additive mask (q_len, key_len) for causality and Mistral's sliding window; `None` when
@@ -509,4 +577,15 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+/// The f32 data of a contiguous CPU tensor's storage.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+        candle_core::bail!("expected an f32 CPU tensor");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg("expected a contiguous tensor"))?;
+    Ok(&data[start..end])
 }

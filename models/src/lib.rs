@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod chat_template;
 pub mod convert;
+mod cpu_attention;
 pub mod decoder;
 pub mod embedding;
 pub mod fetch;

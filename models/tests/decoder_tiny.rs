@@ -48,6 +48,39 @@ fn prefill_matches_token_by_token_decoding() {
     }
 }
 
+/// Decode steps take the CPU single-query path, prompts the tensor path: both must apply
+/// Mistral's sliding window alike.
+#[test]
+fn a_sliding_window_hides_the_same_keys_at_prefill_and_decode() {
+    let cfg = attune_models::DecoderConfig {
+        sliding_window: Some(4),
+        ..tiny_config()
+    };
+    let m = random_decoder(&cfg, 7, &Device::Cpu).unwrap();
+    let unwindowed = model();
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 5 % 64) as u32).collect();
+    let mut cache = m.new_cache();
+    let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.clone()), &mut cache)
+        .with_logits(LogitsFor::All);
+    let all = m.forward(std::slice::from_mut(&mut step)).unwrap()[0]
+        .clone()
+        .unwrap();
+    let full = stepwise(&unwindowed, &tokens);
+    for (i, single) in stepwise(&m, &tokens).iter().enumerate() {
+        assert!(
+            max_abs_diff(&all.i(i).unwrap(), single) < 1e-4,
+            "position {i}"
+        );
+        // Within the window nothing is hidden yet; past it the window must matter.
+        let windowed = max_abs_diff(single, &full[i]);
+        if i < 4 {
+            assert!(windowed < 1e-5, "position {i}: {windowed}");
+        } else if i > 5 {
+            assert!(windowed > 1e-4, "position {i}: the window changed nothing");
+        }
+    }
+}
+
 #[test]
 fn batched_sequences_of_different_lengths_match_running_alone() {
     let m = model();

@@ -1,0 +1,147 @@
+//! Attention of one decode query on the CPU, straight from the KV cache buffers: scores,
+//! softmax and the weighted sum of values in plain loops instead of ~10 small tensor ops per
+//! layer. Hooks still see and replace scores, probabilities and head outputs as tensors (built
+//! only when a hook asks), and every decode step on the CPU takes this path, hooked or not, so
+//! a pass-through hook never changes a result.
+
+/// One query position's attention inputs; K and V are whole cache buffers (kv_heads, capacity,
+/// head_dim) of which the first `key_len` rows per head are meaningful.
+pub(crate) struct DecodeQuery<'a> {
+    /// (heads, head_dim), RoPE applied.
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub capacity: usize,
+    /// Key positions per KV head, (kv_heads, n_keys); `None` = all `key_len` keys.
+    pub keys: Option<&'a [u32]>,
+    pub key_len: usize,
+}
+
+impl DecodeQuery<'_> {
+    /// Keys each head attends to.
+    pub fn n_keys(&self) -> usize {
+        match self.keys {
+            Some(keys) => keys.len() / self.kv_heads,
+            None => self.key_len,
+        }
+    }
+
+    fn key_position(&self, kv_head: usize, j: usize) -> usize {
+        match self.keys {
+            Some(keys) => keys[kv_head * self.n_keys() + j] as usize,
+            None => j,
+        }
+    }
+
+    fn row<'b>(&self, buffer: &'b [f32], kv_head: usize, position: usize) -> &'b [f32] {
+        let start = (kv_head * self.capacity + position) * self.head_dim;
+        &buffer[start..start + self.head_dim]
+    }
+
+    /// Scaled scores q·k / √head_dim, (heads, n_keys).
+    pub fn scores(&self) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2; the body is the portable code, compiled for AVX2.
+            return unsafe { self.scores_avx2() };
+        }
+        self.scores_portable()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn scores_avx2(&self) -> Vec<f32> {
+        self.scores_portable()
+    }
+
+    #[inline(always)]
+    fn scores_portable(&self) -> Vec<f32> {
+        let n = self.n_keys();
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let mut scores = vec![0f32; self.heads * n];
+        for (h, row) in scores.chunks_exact_mut(n).enumerate() {
+            let q = &self.q[h * self.head_dim..(h + 1) * self.head_dim];
+            let kv_head = h / group;
+            for (j, s) in row.iter_mut().enumerate() {
+                *s = dot(q, self.row(self.k, kv_head, self.key_position(kv_head, j))) * scale;
+            }
+        }
+        scores
+    }
+
+    /// Σ_j probs[h, j] · v_j per head, (heads, head_dim).
+    pub fn weighted_values(&self, probs: &[f32]) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: as in `scores`.
+            return unsafe { self.weighted_values_avx2(probs) };
+        }
+        self.weighted_values_portable(probs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn weighted_values_avx2(&self, probs: &[f32]) -> Vec<f32> {
+        self.weighted_values_portable(probs)
+    }
+
+    #[inline(always)]
+    fn weighted_values_portable(&self, probs: &[f32]) -> Vec<f32> {
+        let n = self.n_keys();
+        let group = self.heads / self.kv_heads;
+        let mut out = vec![0f32; self.heads * self.head_dim];
+        for (h, acc) in out.chunks_exact_mut(self.head_dim).enumerate() {
+            let kv_head = h / group;
+            for (j, &p) in probs[h * n..(h + 1) * n].iter().enumerate() {
+                let v = self.row(self.v, kv_head, self.key_position(kv_head, j));
+                for (a, x) in acc.iter_mut().zip(v) {
+                    *a += p * x;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Dot product with eight independent lanes (vectorizes without reassociating floats, so the
+/// result is the same on every instruction set).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks_a = a.chunks_exact(8);
+    let mut chunks_b = b.chunks_exact(8);
+    for (x, y) in (&mut chunks_a).zip(&mut chunks_b) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
+}
+
+/// Row-wise softmax in place; rows are `n` long. A row of only -inf becomes NaN, as in the
+/// tensor path, which never happens for a decode query (it always sees itself).
+pub(crate) fn softmax_rows(values: &mut [f32], n: usize) {
+    for row in values.chunks_exact_mut(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    }
+}
