@@ -41,70 +41,84 @@ impl DecodeQuery<'_> {
         &buffer[start..start + self.head_dim]
     }
 
-    /// Scaled scores q·k / √head_dim, (heads, n_keys).
+    /// Scaled scores q·k / √head_dim, (heads, n_keys); heads are split over the CPU workers.
     pub fn scores(&self) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2; the body is the portable code, compiled for AVX2.
-            return unsafe { self.scores_avx2() };
-        }
-        self.scores_portable()
+        let n = self.n_keys();
+        let mut scores = vec![0f32; self.heads * n];
+        for_each_head(&mut scores, n, |h, row| {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2; the body is the portable code, compiled for AVX2.
+                return unsafe { self.head_scores_avx2(h, row) };
+            }
+            self.head_scores(h, row)
+        });
+        scores
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn scores_avx2(&self) -> Vec<f32> {
-        self.scores_portable()
+    unsafe fn head_scores_avx2(&self, h: usize, row: &mut [f32]) {
+        self.head_scores(h, row)
     }
 
     #[inline(always)]
-    fn scores_portable(&self) -> Vec<f32> {
-        let n = self.n_keys();
-        let group = self.heads / self.kv_heads;
+    fn head_scores(&self, h: usize, row: &mut [f32]) {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let mut scores = vec![0f32; self.heads * n];
-        for (h, row) in scores.chunks_exact_mut(n).enumerate() {
-            let q = &self.q[h * self.head_dim..(h + 1) * self.head_dim];
-            let kv_head = h / group;
-            for (j, s) in row.iter_mut().enumerate() {
-                *s = dot(q, self.row(self.k, kv_head, self.key_position(kv_head, j))) * scale;
-            }
+        let q = &self.q[h * self.head_dim..(h + 1) * self.head_dim];
+        let kv_head = h / (self.heads / self.kv_heads);
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = dot(q, self.row(self.k, kv_head, self.key_position(kv_head, j))) * scale;
         }
-        scores
     }
 
     /// Σ_j probs[h, j] · v_j per head, (heads, head_dim).
     pub fn weighted_values(&self, probs: &[f32]) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: as in `scores`.
-            return unsafe { self.weighted_values_avx2(probs) };
-        }
-        self.weighted_values_portable(probs)
+        let mut out = vec![0f32; self.heads * self.head_dim];
+        for_each_head(&mut out, self.head_dim, |h, acc| {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: as in `scores`.
+                return unsafe { self.head_values_avx2(h, probs, acc) };
+            }
+            self.head_values(h, probs, acc)
+        });
+        out
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn weighted_values_avx2(&self, probs: &[f32]) -> Vec<f32> {
-        self.weighted_values_portable(probs)
+    unsafe fn head_values_avx2(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
+        self.head_values(h, probs, acc)
     }
 
     #[inline(always)]
-    fn weighted_values_portable(&self, probs: &[f32]) -> Vec<f32> {
+    fn head_values(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
         let n = self.n_keys();
-        let group = self.heads / self.kv_heads;
-        let mut out = vec![0f32; self.heads * self.head_dim];
-        for (h, acc) in out.chunks_exact_mut(self.head_dim).enumerate() {
-            let kv_head = h / group;
-            for (j, &p) in probs[h * n..(h + 1) * n].iter().enumerate() {
-                let v = self.row(self.v, kv_head, self.key_position(kv_head, j));
-                for (a, x) in acc.iter_mut().zip(v) {
-                    *a += p * x;
-                }
+        let kv_head = h / (self.heads / self.kv_heads);
+        for (j, &p) in probs[h * n..(h + 1) * n].iter().enumerate() {
+            let v = self.row(self.v, kv_head, self.key_position(kv_head, j));
+            for (a, x) in acc.iter_mut().zip(v) {
+                *a += p * x;
             }
         }
-        out
     }
+}
+
+/// Runs `f(head, that head's row of out)` for every row of `out` (rows `width` long), rows
+/// split over candle's CPU worker pool.
+fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let heads = out.len() / width;
+    let base = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
+        for h in range {
+            // SAFETY: each head is in exactly one chunk, so rows handed out never overlap, and
+            // `out` outlives the call.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut f32).add(h * width), width) };
+            f(h, row);
+        }
+    });
 }
 
 /// Dot product with eight independent lanes (vectorizes without reassociating floats, so the

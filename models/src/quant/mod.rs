@@ -12,6 +12,7 @@ pub use blocks::{quantize_row, BlockQ4_0, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 /// Which dot-product implementation this CPU runs.
@@ -86,23 +87,6 @@ enum Blocks {
     Q4_0(Vec<BlockQ4_0>),
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
-}
-
-/// Dispatches one row's dot product to `$kernel`'s implementation of the format `$f`.
-macro_rules! dispatch {
-    ($kernel:expr, $f:ident, $w:expr, $a:expr) => {
-        match $kernel {
-            Kernel::Scalar => blocks::$f($w, $a),
-            // SAFETY: `Kernel::available` lists a SIMD kernel only on CPUs with its features;
-            // rows and activations have the same number of blocks (checked by `matmul_with`).
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::avx2::$f($w, $a) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => unsafe { x86::avx_vnni::$f($w, $a) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$f($w, $a) },
-        }
-    };
 }
 
 /// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1 or Q8_0: rows
@@ -219,7 +203,7 @@ impl QuantMatrix {
     }
 
     /// Rows `rows` of this matrix, sharing its storage.
-    pub fn view(&self, rows: std::ops::Range<usize>) -> Result<Self> {
+    pub fn view(&self, rows: Range<usize>) -> Result<Self> {
         if rows.start > rows.end || rows.end > self.rows {
             candle_core::bail!("rows {rows:?} of a {}-row matrix", self.rows);
         }
@@ -232,7 +216,7 @@ impl QuantMatrix {
     }
 
     /// Indices in the shared storage of the blocks of (view-relative) `rows`.
-    fn block_range(&self, rows: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    fn block_range(&self, rows: Range<usize>) -> Range<usize> {
         let n = self.cols / BLOCK;
         (self.first_row + rows.start) * n..(self.first_row + rows.end) * n
     }
@@ -255,13 +239,33 @@ impl QuantMatrix {
         }
     }
 
-    /// Weight row `r` · activation row `a`.
-    fn dot(&self, kernel: Kernel, r: usize, a: &[BlockQ8]) -> f32 {
-        let row = self.block_range(r..r + 1);
+    /// Weight rows `rows` · activation row `a`, into `out` (one entry per row).
+    fn dot_each_row(&self, kernel: Kernel, rows: Range<usize>, a: &[BlockQ8], out: &mut [f32]) {
+        let range = self.block_range(rows);
+        macro_rules! each_row {
+            ($blocks:expr, $single:ident, $each:ident) => {{
+                let w = &$blocks[range];
+                match kernel {
+                    Kernel::Scalar => {
+                        for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
+                            *o = blocks::$single(row, a);
+                        }
+                    }
+                    // SAFETY: `Kernel::available` lists a SIMD kernel only on CPUs with its
+                    // features; `out` has one entry per row in `range`.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { x86::avx2::$each(w, a, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::AvxVnni => unsafe { x86::avx_vnni::$each(w, a, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$each(w, a, out) },
+                }
+            }};
+        }
         match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => dispatch!(kernel, dot_q4_0, &b[row], a),
-            Blocks::Q4_1(b) => dispatch!(kernel, dot_q4_1, &b[row], a),
-            Blocks::Q8_0(b) => dispatch!(kernel, dot_q8_0, &b[row], a),
+            Blocks::Q4_0(b) => each_row!(b, dot_q4_0, dot_q4_0_each_row),
+            Blocks::Q4_1(b) => each_row!(b, dot_q4_1, dot_q4_1_each_row),
+            Blocks::Q8_0(b) => each_row!(b, dot_q8_0, dot_q8_0_each_row),
         }
     }
 
@@ -278,7 +282,7 @@ impl QuantMatrix {
                             *o = blocks::$single(w, a);
                         }
                     }
-                    // SAFETY: as in `dispatch!`; `a` holds SHARED_ROWS rows of w.len() blocks.
+                    // SAFETY: as in `dot_each_row`; `a` holds SHARED_ROWS rows of w.len() blocks.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { x86::avx2::$shared(w, a, out) },
                     #[cfg(target_arch = "x86_64")]
@@ -319,7 +323,7 @@ impl QuantMatrix {
         let grouped = m - m % SHARED_ROWS;
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
             let mut shared = [0f32; SHARED_ROWS];
-            for r in range {
+            for r in range.clone() {
                 for (g, a) in acts[..grouped * per_row]
                     .chunks_exact(SHARED_ROWS * per_row)
                     .enumerate()
@@ -329,13 +333,17 @@ impl QuantMatrix {
                         write(g * SHARED_ROWS + k, r, value);
                     }
                 }
-                for i in grouped..m {
-                    write(
-                        i,
-                        r,
-                        self.dot(kernel, r, &acts[i * per_row..(i + 1) * per_row]),
-                    );
-                }
+            }
+            for i in grouped..m {
+                // SAFETY: this chunk's rows of output row i; as for `write`.
+                let segment = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (out_addr as *mut f32).add(i * n + range.start),
+                        range.len(),
+                    )
+                };
+                let a = &acts[i * per_row..(i + 1) * per_row];
+                self.dot_each_row(kernel, range.clone(), a, segment);
             }
         });
     }

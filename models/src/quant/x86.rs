@@ -96,31 +96,50 @@ macro_rules! kernels {
                 _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_movehdup_ps(offsets))
             }
 
+            /// Every row of `w` (rows of `a.len()` blocks) · `a`, into `out`: the same arithmetic
+            /// as [`dot_q4_0_rows`] with one row, without a call per row.
+            ///
             /// # Safety
-            /// The CPU has this module's features; `w` and `a` have the same length.
+            /// The CPU has this module's features; `out` has one entry per row of `w`.
             #[target_feature(enable = $features)]
-            pub unsafe fn dot_q4_0(w: &[BlockQ4_0], a: &[BlockQ8]) -> f32 {
-                let mut out = [0f32];
-                dot_q4_0_rows::<1>(w, a, &mut out);
-                out[0]
+            pub unsafe fn dot_q4_0_each_row(w: &[BlockQ4_0], a: &[BlockQ8], out: &mut [f32]) {
+                for (row, o) in w.chunks_exact(a.len()).zip(out.iter_mut()) {
+                    dot_q4_0_rows::<1>(
+                        row,
+                        a,
+                        std::slice::from_mut(o).try_into().unwrap_unchecked(),
+                    );
+                }
             }
 
+            /// As [`dot_q4_0_each_row`], for Q4_1.
+            ///
             /// # Safety
-            /// The CPU has this module's features; `w` and `a` have the same length.
+            /// The CPU has this module's features; `out` has one entry per row of `w`.
             #[target_feature(enable = $features)]
-            pub unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
-                let mut out = [0f32];
-                dot_q4_1_rows::<1>(w, a, &mut out);
-                out[0]
+            pub unsafe fn dot_q4_1_each_row(w: &[BlockQ4_1], a: &[BlockQ8], out: &mut [f32]) {
+                for (row, o) in w.chunks_exact(a.len()).zip(out.iter_mut()) {
+                    dot_q4_1_rows::<1>(
+                        row,
+                        a,
+                        std::slice::from_mut(o).try_into().unwrap_unchecked(),
+                    );
+                }
             }
 
+            /// As [`dot_q4_0_each_row`], for Q8_0.
+            ///
             /// # Safety
-            /// The CPU has this module's features; `w` and `a` have the same length.
+            /// The CPU has this module's features; `out` has one entry per row of `w`.
             #[target_feature(enable = $features)]
-            pub unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
-                let mut out = [0f32];
-                dot_q8_0_rows::<1>(w, a, &mut out);
-                out[0]
+            pub unsafe fn dot_q8_0_each_row(w: &[BlockQ8_0], a: &[BlockQ8], out: &mut [f32]) {
+                for (row, o) in w.chunks_exact(a.len()).zip(out.iter_mut()) {
+                    dot_q8_0_rows::<1>(
+                        row,
+                        a,
+                        std::slice::from_mut(o).try_into().unwrap_unchecked(),
+                    );
+                }
             }
 
             /// One weight row (Q4_0) with `R` activation rows stored back to back.
@@ -128,6 +147,7 @@ macro_rules! kernels {
             /// # Safety
             /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
             #[target_feature(enable = $features)]
+            #[inline]
             pub unsafe fn dot_q4_0_rows<const R: usize>(
                 w: &[BlockQ4_0],
                 a: &[BlockQ8],
@@ -155,6 +175,7 @@ macro_rules! kernels {
             /// # Safety
             /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
             #[target_feature(enable = $features)]
+            #[inline]
             pub unsafe fn dot_q4_1_rows<const R: usize>(
                 w: &[BlockQ4_1],
                 a: &[BlockQ8],
@@ -180,6 +201,7 @@ macro_rules! kernels {
             /// # Safety
             /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
             #[target_feature(enable = $features)]
+            #[inline]
             pub unsafe fn dot_q8_0_rows<const R: usize>(
                 w: &[BlockQ8_0],
                 a: &[BlockQ8],
