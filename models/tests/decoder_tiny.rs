@@ -32,16 +32,21 @@ fn stepwise(m: &Decoder, tokens: &[u32]) -> Vec<Tensor> {
         .collect()
 }
 
+/// Logits at every position of `tokens` fed as one prompt.
+fn prefill_logits(m: &Decoder, tokens: &[u32]) -> Tensor {
+    let mut cache = m.new_cache();
+    let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.to_vec()), &mut cache)
+        .with_logits(LogitsFor::All);
+    m.forward(std::slice::from_mut(&mut step)).unwrap()[0]
+        .clone()
+        .unwrap()
+}
+
 #[test]
 fn prefill_matches_token_by_token_decoding() {
     let m = model();
     let tokens: Vec<u32> = (0..20).map(|i| (i * 7 % 64) as u32).collect();
-    let mut cache = m.new_cache();
-    let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.clone()), &mut cache)
-        .with_logits(LogitsFor::All);
-    let all = m.forward(std::slice::from_mut(&mut step)).unwrap()[0]
-        .clone()
-        .unwrap();
+    let all = prefill_logits(&m, &tokens);
     for (i, single) in stepwise(&m, &tokens).iter().enumerate() {
         let diff = max_abs_diff(&all.i(i).unwrap(), single);
         assert!(diff < 1e-4, "position {i}: {diff}");
@@ -59,12 +64,7 @@ fn a_sliding_window_hides_the_same_keys_at_prefill_and_decode() {
     let m = random_decoder(&cfg, 7, &Device::Cpu).unwrap();
     let unwindowed = model();
     let tokens: Vec<u32> = (0..12).map(|i| (i * 5 % 64) as u32).collect();
-    let mut cache = m.new_cache();
-    let mut step = SequenceStep::new(DecoderInput::Tokens(tokens.clone()), &mut cache)
-        .with_logits(LogitsFor::All);
-    let all = m.forward(std::slice::from_mut(&mut step)).unwrap()[0]
-        .clone()
-        .unwrap();
+    let all = prefill_logits(&m, &tokens);
     let full = stepwise(&unwindowed, &tokens);
     for (i, single) in stepwise(&m, &tokens).iter().enumerate() {
         assert!(

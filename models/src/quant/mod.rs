@@ -89,6 +89,37 @@ enum Blocks {
     Q8_0(Vec<BlockQ8_0>),
 }
 
+/// Runs `$call` from `$kernel`'s instruction-set module, or `$scalar` on the portable kernel.
+macro_rules! on_kernel {
+    ($kernel:expr, $scalar:expr, $f:ident($($arg:expr),*)) => {
+        match $kernel {
+            Kernel::Scalar => $scalar,
+            // SAFETY: `Kernel::available` lists a SIMD kernel only on CPUs with its features;
+            // callers size the slices as each kernel's documentation asks.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::avx2::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => unsafe { x86::avx_vnni::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$f($($arg),*) },
+        }
+    };
+}
+
+/// Every row of `w` · `a` with a portable dot product.
+fn scalar_each_row<B>(w: &[B], a: &[BlockQ8], out: &mut [f32], dot: fn(&[B], &[BlockQ8]) -> f32) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
+        *o = dot(row, a);
+    }
+}
+
+/// One weight row `w` · each activation row in `a` with a portable dot product.
+fn scalar_shared<B>(w: &[B], a: &[BlockQ8], out: &mut [f32], dot: fn(&[B], &[BlockQ8]) -> f32) {
+    for (o, a) in out.iter_mut().zip(a.chunks_exact(w.len())) {
+        *o = dot(w, a);
+    }
+}
+
 /// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1 or Q8_0: rows
 /// `first_row..first_row + rows` of shared block storage (several matrices can be views of one
 /// stacked matrix).
@@ -242,30 +273,22 @@ impl QuantMatrix {
     /// Weight rows `rows` · activation row `a`, into `out` (one entry per row).
     fn dot_each_row(&self, kernel: Kernel, rows: Range<usize>, a: &[BlockQ8], out: &mut [f32]) {
         let range = self.block_range(rows);
-        macro_rules! each_row {
-            ($blocks:expr, $single:ident, $each:ident) => {{
-                let w = &$blocks[range];
-                match kernel {
-                    Kernel::Scalar => {
-                        for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
-                            *o = blocks::$single(row, a);
-                        }
-                    }
-                    // SAFETY: `Kernel::available` lists a SIMD kernel only on CPUs with its
-                    // features; `out` has one entry per row in `range`.
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => unsafe { x86::avx2::$each(w, a, out) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::AvxVnni => unsafe { x86::avx_vnni::$each(w, a, out) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$each(w, a, out) },
-                }
-            }};
-        }
         match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => each_row!(b, dot_q4_0, dot_q4_0_each_row),
-            Blocks::Q4_1(b) => each_row!(b, dot_q4_1, dot_q4_1_each_row),
-            Blocks::Q8_0(b) => each_row!(b, dot_q8_0, dot_q8_0_each_row),
+            Blocks::Q4_0(b) => on_kernel!(
+                kernel,
+                scalar_each_row(&b[range], a, out, blocks::dot_q4_0),
+                dot_q4_0_each_row(&b[range], a, out)
+            ),
+            Blocks::Q4_1(b) => on_kernel!(
+                kernel,
+                scalar_each_row(&b[range], a, out, blocks::dot_q4_1),
+                dot_q4_1_each_row(&b[range], a, out)
+            ),
+            Blocks::Q8_0(b) => on_kernel!(
+                kernel,
+                scalar_each_row(&b[range], a, out, blocks::dot_q8_0),
+                dot_q8_0_each_row(&b[range], a, out)
+            ),
         }
     }
 
@@ -273,29 +296,22 @@ impl QuantMatrix {
     /// kernels unpack each weight block once for all of them.
     fn dot_shared(&self, kernel: Kernel, r: usize, a: &[BlockQ8], out: &mut [f32; SHARED_ROWS]) {
         let row = self.block_range(r..r + 1);
-        macro_rules! rows {
-            ($blocks:expr, $single:ident, $shared:ident) => {{
-                let w = &$blocks[row];
-                match kernel {
-                    Kernel::Scalar => {
-                        for (o, a) in out.iter_mut().zip(a.chunks_exact(w.len())) {
-                            *o = blocks::$single(w, a);
-                        }
-                    }
-                    // SAFETY: as in `dot_each_row`; `a` holds SHARED_ROWS rows of w.len() blocks.
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => unsafe { x86::avx2::$shared(w, a, out) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::AvxVnni => unsafe { x86::avx_vnni::$shared(w, a, out) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$shared(w, a, out) },
-                }
-            }};
-        }
         match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => rows!(b, dot_q4_0, dot_q4_0_rows),
-            Blocks::Q4_1(b) => rows!(b, dot_q4_1, dot_q4_1_rows),
-            Blocks::Q8_0(b) => rows!(b, dot_q8_0, dot_q8_0_rows),
+            Blocks::Q4_0(b) => on_kernel!(
+                kernel,
+                scalar_shared(&b[row], a, out, blocks::dot_q4_0),
+                dot_q4_0_rows(&b[row], a, out)
+            ),
+            Blocks::Q4_1(b) => on_kernel!(
+                kernel,
+                scalar_shared(&b[row], a, out, blocks::dot_q4_1),
+                dot_q4_1_rows(&b[row], a, out)
+            ),
+            Blocks::Q8_0(b) => on_kernel!(
+                kernel,
+                scalar_shared(&b[row], a, out, blocks::dot_q8_0),
+                dot_q8_0_rows(&b[row], a, out)
+            ),
         }
     }
 
