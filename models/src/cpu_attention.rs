@@ -67,8 +67,18 @@ impl DecodeQuery<'_> {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let q = &self.q[h * self.head_dim..(h + 1) * self.head_dim];
         let kv_head = h / (self.heads / self.kv_heads);
-        for (j, s) in row.iter_mut().enumerate() {
-            *s = dot(q, self.row(self.k, kv_head, self.key_position(kv_head, j))) * scale;
+        let key = |j: usize| self.row(self.k, kv_head, self.key_position(kv_head, j));
+        // Four keys at a time: independent accumulators keep the adders busy; each key's sum is
+        // formed exactly as `dot` forms it.
+        let whole = row.len() / 4 * 4;
+        for j in (0..whole).step_by(4) {
+            let dots = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+            for (s, d) in row[j..j + 4].iter_mut().zip(dots) {
+                *s = d * scale;
+            }
+        }
+        for (j, s) in row.iter_mut().enumerate().skip(whole) {
+            *s = dot(q, key(j)) * scale;
         }
     }
 
@@ -125,23 +135,28 @@ fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + 
 /// result is the same on every instruction set).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks_a = a.chunks_exact(8);
-    let mut chunks_b = b.chunks_exact(8);
-    for (x, y) in (&mut chunks_a).zip(&mut chunks_b) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
+    dot4(a, [b; 4])[0]
+}
+
+/// `q` · each of four keys, each summed in eight lanes in the same order as [`dot`].
+#[inline(always)]
+fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4] {
+    let mut lanes = [[0f32; 8]; 4];
+    let whole = q.len() / 8 * 8;
+    for c in (0..whole).step_by(8) {
+        let qc: &[f32; 8] = q[c..c + 8].try_into().expect("eight values");
+        for (lane, key) in lanes.iter_mut().zip(&keys) {
+            let kc: &[f32; 8] = key[c..c + 8].try_into().expect("eight values");
+            for i in 0..8 {
+                lane[i] += qc[i] * kc[i];
+            }
         }
     }
-    let tail: f32 = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
+    std::array::from_fn(|k| {
+        let l = &lanes[k];
+        let tail: f32 = (whole..q.len()).map(|i| q[i] * keys[k][i]).sum();
+        ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
+    })
 }
 
 /// Row-wise softmax in place; rows are `n` long. A row of only -inf becomes NaN, as in the

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_passkey;
 pub mod bench_serve;
 pub mod engine;
 pub mod generate;

@@ -110,6 +110,15 @@ struct BenchArgs {
     /// (server/bench/setup-llama-cpp.sh makes one at target/llama-cpp-venv).
     #[arg(long, value_name = "PYTHON")]
     llama_cpp: Option<PathBuf>,
+    /// Recycled Attention against full attention on long passkey-retrieval prompts instead.
+    #[arg(long, conflicts_with = "serve")]
+    passkey: bool,
+    /// With --passkey: prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "4096,8192")]
+    contexts: Vec<usize>,
+    /// With --passkey: seed of the hidden keys.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Load-test the HTTP server instead (started in-process unless --url is given).
     #[arg(long)]
     serve: bool,
@@ -186,6 +195,15 @@ fn run(cli: Cli) -> Result<()> {
                 requests_per_stream: args.requests_per_stream.max(1),
                 max_tokens: args.max_tokens,
             },
+        )?,
+        Command::Bench(args) if args.passkey => attune_server::bench_passkey::run(
+            &load_first_model()?,
+            &attune_server::bench_passkey::PasskeyConfig {
+                contexts: args.contexts,
+                decode_tokens: args.decode_tokens,
+                seed: args.seed,
+            },
+            threads,
         )?,
         Command::Bench(args) => bench::run(
             &load_first_model()?,

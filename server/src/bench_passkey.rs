@@ -1,0 +1,142 @@
+//! `attune bench --passkey`: Recycled Attention on long passkey-retrieval prompts. A random
+//! five-digit key is hidden halfway through filler text of the requested length; each
+//! configuration (full attention and several Recycled Attention budgets and schedules) prefills
+//! the same prompt, decodes greedily, and is reported with its decode speed and whether the
+//! answer contains the key.
+
+use crate::sampling::argmax;
+use anyhow::Result;
+use attune_interventions::{parse, Installed, ModelKind, ModelShape};
+use attune_models::{IncrementalDecoder, Model};
+use serde_json::json;
+use std::time::Instant;
+
+const FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+
+/// Configurations compared at every context length (Recycled Attention's request bodies).
+const CONFIGS: &[(&str, Option<&str>)] = &[
+    ("full attention", None),
+    (
+        "recycled k 256, stride 8",
+        Some(r#"{"type": "recycled_attention", "k": 256, "stride": 8}"#),
+    ),
+    (
+        "recycled k 512, stride 16",
+        Some(r#"{"type": "recycled_attention", "k": 512, "stride": 16}"#),
+    ),
+    (
+        "recycled k 1/8 of context, stride 32",
+        Some(r#"{"type": "recycled_attention", "stride": 32}"#),
+    ),
+    (
+        "recycled k 1/8 of context, dynamic",
+        Some(r#"{"type": "recycled_attention", "dynamic": {}}"#),
+    ),
+];
+
+/// Prompt tokens per prefill step.
+const PREFILL_CHUNK: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct PasskeyConfig {
+    /// Prompt lengths in tokens.
+    pub contexts: Vec<usize>,
+    pub decode_tokens: usize,
+    pub seed: u64,
+}
+
+pub fn run(model: &Model, config: &PasskeyConfig, threads: usize) -> Result<()> {
+    let shape = ModelShape::of(model.decoder.config(), ModelKind::Llm);
+    println!(
+        "model: {} | threads: {threads} | {} greedy tokens after the prompt | key at 50% depth",
+        model.source.path().display(),
+        config.decode_tokens
+    );
+    println!(
+        "| context tokens | attention | decode tok/s | vs full | passkey retrieved | answer |"
+    );
+    println!("|---:|---|---:|---:|---|---|");
+    for (i, &context) in config.contexts.iter().enumerate() {
+        let key = passkey(config.seed + i as u64);
+        let prompt = passkey_prompt(model, context, key)?;
+        let mut full_speed = None;
+        for (name, spec) in CONFIGS {
+            let installed = match spec {
+                Some(spec) => parse(&serde_json::from_str(spec)?, &shape)?.install(),
+                None => Installed::default(),
+            };
+            let (speed, answer) = generate(model, &prompt, config.decode_tokens, installed)?;
+            let full = *full_speed.get_or_insert(speed);
+            println!(
+                "| {} | {name} | {speed:.1} | {:.2}x | {} | {} |",
+                prompt.len(),
+                speed / full,
+                if answer.contains(&key.to_string()) {
+                    "yes"
+                } else {
+                    "no"
+                },
+                json!(answer.trim()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A five-digit key from `seed` (SplitMix64 step).
+fn passkey(seed: u64) -> u32 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    10_000 + ((z ^ (z >> 31)) % 90_000) as u32
+}
+
+/// A chat prompt of about `context` tokens with `key` stated halfway, ending where the
+/// assistant's answer begins ("The pass key is").
+fn passkey_prompt(model: &Model, context: usize, key: u32) -> Result<Vec<u32>> {
+    let filler_tokens = model.tokenizer.encode(FILLER, false)?.len().max(1);
+    let build = |repeats: usize| -> Result<Vec<u32>> {
+        let half = FILLER.repeat(repeats / 2);
+        let rest = FILLER.repeat(repeats - repeats / 2);
+        let user = format!(
+            "There is an important pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n{half}The pass key is {key}. Remember it. {key} is the pass key. {rest}\n\nWhat is the pass key?"
+        );
+        let mut ids = model.chat_prompt(&[json!({"role": "user", "content": user})])?;
+        ids.extend(model.tokenizer.encode("The pass key is", false)?);
+        Ok(ids)
+    };
+    let overhead = build(0)?.len();
+    build(context.saturating_sub(overhead) / filler_tokens)
+}
+
+/// Greedy decoding of `tokens` tokens (end-of-sequence ignored, so every configuration decodes
+/// the same count); returns decode tokens/s and the text.
+fn generate(
+    model: &Model,
+    prompt: &[u32],
+    tokens: usize,
+    installed: Installed,
+) -> Result<(f64, String)> {
+    let Installed { mut hooks, .. } = installed;
+    let decoder = &model.decoder;
+    let mut cache = decoder.new_cache();
+    // Chunked prefill keeps the explicit attention's score matrices at chunk × context.
+    let mut logits = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = Some(decoder.forward_one(chunk, &mut cache, hooks.as_deref_mut())?);
+    }
+    let logits = logits.ok_or_else(|| anyhow::anyhow!("empty passkey prompt"))?;
+    let mut next = argmax(&logits.to_vec1::<f32>()?);
+    let mut text = IncrementalDecoder::new();
+    let mut answer = String::new();
+    let start = Instant::now();
+    for _ in 0..tokens {
+        if let Some(piece) = text.push(&model.tokenizer, next)? {
+            answer.push_str(&piece);
+        }
+        let logits = decoder.forward_one(&[next], &mut cache, hooks.as_deref_mut())?;
+        next = argmax(&logits.to_vec1::<f32>()?);
+    }
+    Ok((tokens as f64 / start.elapsed().as_secs_f64(), answer))
+}
