@@ -1,16 +1,13 @@
 //! ACT's invariants (spec §2 "Sanity") on known rows and a tiny seeded model.
 
 use attune_interventions::act::calibrate;
-use attune_interventions::{parse, parse_all, ModelKind, ModelShape};
-use attune_models::testing::{random_decoder, tiny_config};
+use attune_interventions::{parse, parse_all};
 use attune_models::{AttentionSite, HookPoint};
 use candle_core::{Device, Tensor, D};
 use serde_json::json;
 
-fn shape() -> ModelShape {
-    let cfg = tiny_config();
-    ModelShape::of(&cfg, ModelKind::Llm)
-}
+mod common;
+use common::{prefill_then_decode, smollm2_shape, tiny_shape};
 
 /// Rows of a causal map, zero-padded on the right, as one head.
 fn head(rows: &[&[f32]]) -> Tensor {
@@ -109,23 +106,7 @@ fn decode_rows_use_their_own_weights_as_column_scores() {
 }
 
 fn logits_with(spec: Option<serde_json::Value>) -> Vec<Vec<f32>> {
-    let m = random_decoder(&tiny_config(), 9, &Device::Cpu).unwrap();
-    let mut hooks = spec.map(|s| parse(&s, &shape()).unwrap().install().hooks.unwrap());
-    let mut cache = m.new_cache();
-    let mut out = vec![m
-        .forward_one(&[3, 1, 4, 1, 5, 9, 2, 6], &mut cache, hooks.as_deref_mut())
-        .unwrap()
-        .to_vec1()
-        .unwrap()];
-    for t in [5u32, 3] {
-        out.push(
-            m.forward_one(&[t], &mut cache, hooks.as_deref_mut())
-                .unwrap()
-                .to_vec1()
-                .unwrap(),
-        );
-    }
-    out
+    prefill_then_decode(9, spec, &[3, 1, 4, 1, 5, 9, 2, 6], &[5, 3])
 }
 
 #[test]
@@ -153,7 +134,11 @@ fn neutral_parameters_are_bit_identical_and_real_ones_change_the_model() {
 #[test]
 fn prompt_only_by_default() {
     let spec = json!({"type": "act", "layers": [0], "threshold": 0.05});
-    let mut hooks = parse(&spec, &shape()).unwrap().install().hooks.unwrap();
+    let mut hooks = parse(&spec, &tiny_shape())
+        .unwrap()
+        .install()
+        .hooks
+        .unwrap();
     assert!(hooks.wants(HookPoint::Probs, 0) && !hooks.wants(HookPoint::Probs, 1));
     let probs = Tensor::new(&[[[0.4f32, 0.3, 0.05, 0.2, 0.05]]], &Device::Cpu)
         .unwrap()
@@ -173,7 +158,7 @@ fn prompt_only_by_default() {
     );
     let mut every_step = parse(
         &json!({"type": "act", "layers": [0], "threshold": 0.05, "decode": true}),
-        &shape(),
+        &tiny_shape(),
     )
     .unwrap()
     .install()
@@ -196,13 +181,7 @@ fn prompt_only_by_default() {
 
 #[test]
 fn defaults_are_resolved_and_bad_parameters_name_the_field() {
-    let big = ModelShape {
-        num_layers: 30,
-        num_heads: 9,
-        num_kv_heads: 3,
-        tied_embeddings: true,
-        kind: ModelKind::Llm,
-    };
+    let big = smollm2_shape();
     let act = parse(&json!({"type": "act"}), &big).unwrap().resolved();
     assert_eq!(act["beta"], 0.4);
     assert_eq!(act["threshold"], 0.1);

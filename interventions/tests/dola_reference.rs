@@ -8,6 +8,9 @@ use candle_core::Device;
 use serde::Deserialize;
 use serde_json::json;
 
+mod common;
+use common::smollm2_shape;
+
 #[derive(Deserialize)]
 struct Reference {
     alpha: f64,
@@ -86,13 +89,7 @@ fn dola_matches_the_pytorch_reference() {
 
 #[test]
 fn neutral_contrast_installs_nothing_and_bad_modes_are_named() {
-    let shape = ModelShape {
-        num_layers: 30,
-        num_heads: 9,
-        num_kv_heads: 3,
-        tied_embeddings: true,
-        kind: ModelKind::Llm,
-    };
+    let shape = smollm2_shape();
     let neutral = parse(&json!({"type": "contrastive_decoding", "mode": "dola", "lambda": 0, "alpha": 0, "repetition_penalty": 1}), &shape).unwrap();
     let installed = neutral.install();
     assert!(installed.hooks.is_none() && installed.processor.is_none());
@@ -137,13 +134,7 @@ fn neutral_contrast_installs_nothing_and_bad_modes_are_named() {
 fn identical_contrast_gives_uniform_over_the_plausible_set() {
     // Spec sanity: z- == z+ with the difference rule (lambda 1) gives 0 on M, -inf elsewhere.
     use attune_interventions::contrastive::{dola_scores, log_softmax, Dola};
-    let shape = ModelShape {
-        num_layers: 30,
-        num_heads: 9,
-        num_kv_heads: 3,
-        tied_embeddings: true,
-        kind: ModelKind::Llm,
-    };
+    let shape = smollm2_shape();
     let params =
         Dola::from_request(json!({"mode": "dola", "repetition_penalty": 1.0}), &shape).unwrap();
     let lp = log_softmax(&[3.0, 2.0, 0.0, -1.0]);

@@ -1,8 +1,11 @@
 //! Contrastive decoding's unified step (spec §4) in `prompt` mode.
 
 use attune_interventions::contrastive::PromptContrast;
-use attune_interventions::{parse_all, BranchPrompt, Intervention, ModelKind, ModelShape};
+use attune_interventions::{parse_all, BranchPrompt, Intervention};
 use serde_json::json;
+
+mod common;
+use common::smollm2_shape;
 
 fn contrast(params: serde_json::Value) -> PromptContrast {
     let mut p = params;
@@ -63,13 +66,7 @@ fn identical_branches_extrapolate_to_the_base_and_differ_to_uniform() {
 
 #[test]
 fn branches_and_errors() {
-    let shape = ModelShape {
-        num_layers: 30,
-        num_heads: 9,
-        num_kv_heads: 3,
-        tied_embeddings: true,
-        kind: ModelKind::Llm,
-    };
+    let shape = smollm2_shape();
     let spec = json!({"type": "contrastive_decoding", "mode": "prompt", "contrast_prompt": "Agree with me: is the sky green?"});
     let parsed = parse_all(&[spec], &shape).unwrap();
     assert_eq!(

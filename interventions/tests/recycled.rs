@@ -1,36 +1,20 @@
 //! Recycled Attention's invariants (spec §3 "Sanity") on a tiny seeded model.
 
 use attune_interventions::recycled::{max_pool, top_keys};
-use attune_interventions::{parse, parse_all, ModelKind, ModelShape};
+use attune_interventions::{parse, parse_all};
 use attune_models::testing::{random_decoder, tiny_config};
 use attune_models::{AttentionSite, HookPoint, SequenceHooks};
 use candle_core::{Device, Result, Tensor};
 use serde_json::{json, Value};
 
-fn shape() -> ModelShape {
-    ModelShape::of(&tiny_config(), ModelKind::Llm)
-}
+mod common;
+use common::{prefill_then_decode, tiny_shape};
 
 /// Logits of a 12-token prompt and 10 decode steps.
 fn run(spec: Option<Value>) -> Vec<Vec<f32>> {
-    let m = random_decoder(&tiny_config(), 5, &Device::Cpu).unwrap();
-    let mut hooks = spec.map(|s| parse(&s, &shape()).unwrap().install().hooks.unwrap());
-    let mut cache = m.new_cache();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 5 + 3) % 64).collect();
-    let mut out = vec![m
-        .forward_one(&prompt, &mut cache, hooks.as_deref_mut())
-        .unwrap()
-        .to_vec1()
-        .unwrap()];
-    for t in 0..10u32 {
-        out.push(
-            m.forward_one(&[(t * 7) % 64], &mut cache, hooks.as_deref_mut())
-                .unwrap()
-                .to_vec1()
-                .unwrap(),
-        );
-    }
-    out
+    let decode: Vec<u32> = (0..10).map(|t| (t * 7) % 64).collect();
+    prefill_then_decode(5, spec, &prompt, &decode)
 }
 
 #[test]
@@ -104,7 +88,7 @@ fn selections_are_unique_in_range_within_budget_and_keep_the_newest_token() {
         if zerotuning {
             specs.push(json!({"type": "zerotuning", "gamma": 2.0}));
         }
-        let parsed = parse_all(&specs, &shape()).unwrap();
+        let parsed = parse_all(&specs, &tiny_shape()).unwrap();
         let m = random_decoder(&tiny_config(), 5, &Device::Cpu).unwrap();
         let mut spy = Spy {
             inner: parsed[0].install().hooks.unwrap(),
@@ -155,7 +139,7 @@ fn pooling_and_top_k_follow_the_paper() {
 
 #[test]
 fn composition_rules_and_parameters() {
-    let err = |specs: Vec<Value>| parse_all(&specs, &shape()).err().unwrap().to_string();
+    let err = |specs: Vec<Value>| parse_all(&specs, &tiny_shape()).err().unwrap().to_string();
     let e = err(vec![
         json!({"type": "act"}),
         json!({"type": "recycled_attention"}),
@@ -176,7 +160,7 @@ fn composition_rules_and_parameters() {
         json!({"type": "recycled_attention", "stride": 2, "dynamic": {}})
     ])
     .starts_with("interventions[0].dynamic:"));
-    let resolved = parse(&json!({"type": "recycled_attention"}), &shape())
+    let resolved = parse(&json!({"type": "recycled_attention"}), &tiny_shape())
         .unwrap()
         .resolved();
     assert_eq!(

@@ -1,34 +1,15 @@
 //! ZeroTuning's invariants (spec §1 "Sanity") on a tiny seeded model.
 
-use attune_interventions::{parse, parse_all, ModelKind, ModelShape};
-use attune_models::testing::{random_decoder, tiny_config};
+use attune_interventions::{parse, parse_all};
 use attune_models::{AttentionSite, HookPoint};
 use candle_core::{Device, Result, Tensor, D};
 use serde_json::json;
 
-fn shape() -> ModelShape {
-    let cfg = tiny_config();
-    ModelShape::of(&cfg, ModelKind::Llm)
-}
+mod common;
+use common::{prefill_then_decode, tiny_shape};
 
 fn logits_with(spec: Option<serde_json::Value>, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let m = random_decoder(&tiny_config(), 3, &Device::Cpu).unwrap();
-    let mut hooks = spec.map(|s| parse(&s, &shape()).unwrap().install().hooks.unwrap());
-    let mut cache = m.new_cache();
-    let mut out = vec![m
-        .forward_one(tokens, &mut cache, hooks.as_deref_mut())
-        .unwrap()
-        .to_vec1()
-        .unwrap()];
-    for t in [7u32, 8, 9] {
-        out.push(
-            m.forward_one(&[t], &mut cache, hooks.as_deref_mut())
-                .unwrap()
-                .to_vec1()
-                .unwrap(),
-        );
-    }
-    out
+    prefill_then_decode(3, spec, tokens, &[7, 8, 9])
 }
 
 #[test]
@@ -50,7 +31,11 @@ fn gamma_one_is_bit_identical_to_no_intervention() {
 
 /// Applies the hook to a known score row and returns softmax of the result.
 fn hooked_probs(spec: serde_json::Value, scores: &Tensor) -> Tensor {
-    let mut hooks = parse(&spec, &shape()).unwrap().install().hooks.unwrap();
+    let mut hooks = parse(&spec, &tiny_shape())
+        .unwrap()
+        .install()
+        .hooks
+        .unwrap();
     assert!(hooks.wants(HookPoint::Scores, 0));
     let site = AttentionSite {
         layer: 0,
@@ -144,7 +129,7 @@ fn only_the_chosen_heads_change() {
 
 #[test]
 fn bad_parameters_name_the_field() {
-    let err = |spec| parse_all(&[spec], &shape()).err().unwrap().to_string();
+    let err = |spec| parse_all(&[spec], &tiny_shape()).err().unwrap().to_string();
     assert!(err(json!({"type": "zerotuning", "gamma": 0})).starts_with("interventions[0].gamma:"));
     assert!(err(json!({"type": "zerotuning", "gamma": "x"})).contains("invalid type"));
     assert!(
@@ -156,14 +141,14 @@ fn bad_parameters_name_the_field() {
     assert!(err(json!({"gamma": 2})).starts_with("interventions[0].type:"));
     let twice = parse_all(
         &[json!({"type": "zerotuning"}), json!({"type": "zerotuning"})],
-        &shape(),
+        &tiny_shape(),
     );
     assert!(twice.err().unwrap().to_string().contains("given twice"));
 }
 
 #[test]
 fn resolved_parameters_fill_in_defaults() {
-    let z = parse(&json!({"type": "zerotuning", "gamma": 1.5}), &shape()).unwrap();
+    let z = parse(&json!({"type": "zerotuning", "gamma": 1.5}), &tiny_shape()).unwrap();
     assert_eq!(
         z.resolved(),
         json!({"gamma": 1.5, "layers": [0, 1], "heads": [0, 1, 2, 3], "per_head": []})
