@@ -27,11 +27,11 @@ pub struct BenchConfig {
     pub llama_cpp: Option<PathBuf>,
 }
 
-/// Tokens per second of one run.
-#[derive(Debug, Clone, Copy)]
-struct Speed {
-    prefill: f64,
-    decode: f64,
+/// Tokens per second of one run (also what the llama.cpp peer reports, as JSON).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct Speed {
+    pub prefill: f64,
+    pub decode: f64,
 }
 
 /// Reads every hook point and changes nothing: the cost of the hook plumbing itself.
@@ -121,11 +121,7 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
             candle_speeds.push(run_peer(peer, &prompt, config.decode_tokens)?);
         }
         if let Some(peer) = llama_cpp.as_mut() {
-            let speed = peer.run(&prompt)?;
-            llama_cpp_speeds.push(Speed {
-                prefill: speed.prefill,
-                decode: speed.decode,
-            });
+            llama_cpp_speeds.push(peer.run(&prompt)?);
         }
     }
     // Ratios are given against each peer that ran.

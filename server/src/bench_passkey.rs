@@ -7,6 +7,7 @@
 use crate::sampling::argmax;
 use anyhow::Result;
 use attune_interventions::{parse, Installed, ModelKind, ModelShape};
+use attune_models::testing::SeededRng;
 use attune_models::{IncrementalDecoder, Model};
 use serde_json::json;
 use std::time::Instant;
@@ -84,12 +85,9 @@ pub fn run(model: &Model, config: &PasskeyConfig, threads: usize) -> Result<()> 
     Ok(())
 }
 
-/// A five-digit key from `seed` (SplitMix64 step).
+/// A five-digit key from `seed`.
 fn passkey(seed: u64) -> u32 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    10_000 + ((z ^ (z >> 31)) % 90_000) as u32
+    10_000 + (SeededRng::new(seed).next_u64() % 90_000) as u32
 }
 
 /// A chat prompt of about `context` tokens with `key` stated halfway, ending where the

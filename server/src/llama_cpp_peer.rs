@@ -2,20 +2,13 @@
 //! `server/bench/setup-llama-cpp.sh`), fed the same prompt tokens as our own runs, one JSON line
 //! per run.
 
+use crate::bench::Speed;
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 const SCRIPT: &str = include_str!("../bench/llama_cpp_peer.py");
-
-/// Tokens per second of one llama.cpp run.
-#[derive(Debug, Deserialize)]
-pub struct PeerSpeed {
-    pub prefill: f64,
-    pub decode: f64,
-}
 
 pub struct LlamaCppPeer {
     child: Child,
@@ -53,7 +46,7 @@ impl LlamaCppPeer {
     }
 
     /// Prefill of `prompt`, then greedy decoding.
-    pub fn run(&mut self, prompt: &[u32]) -> Result<PeerSpeed> {
+    pub fn run(&mut self, prompt: &[u32]) -> Result<Speed> {
         writeln!(self.stdin, "{}", serde_json::to_string(prompt)?)?;
         self.stdin.flush()?;
         Ok(serde_json::from_str(&self.read_line()?)?)
