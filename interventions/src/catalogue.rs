@@ -94,6 +94,24 @@ pub fn catalogue() -> Vec<MethodInfo> {
                         },
                     }}),
                 },
+                ParamInfo {
+                    name: "auto",
+                    kind: "boolean | {grid: array of numbers}",
+                    default: json!(false),
+                    range: "true = grid [0.5, 0.75, 1, 1.5, 2, 3]; 1 to 16 grid values in [1e-6, 1e6]",
+                    description: "Pick gamma per prompt (our proposal; the paper's unsupervised \
+                        objective is unverified): one extra prefill per grid value, batched, \
+                        keeping the gamma with the lowest next-token entropy at the last prompt \
+                        position. Replaces `gamma` on layers x heads; the choice and each grid \
+                        value's entropy come back in the choice's `intervention_report`.",
+                    schema: json!({"oneOf": [
+                        {"type": "boolean"},
+                        {"type": "object", "additionalProperties": false, "properties": {
+                            "grid": {"type": "array", "minItems": 1, "maxItems": 16,
+                                     "items": {"type": "number", "minimum": 1e-6, "maximum": 1e6}},
+                        }},
+                    ], "default": false}),
+                },
             ],
         },
         MethodInfo {
@@ -222,16 +240,20 @@ pub fn catalogue() -> Vec<MethodInfo> {
                 \"I love repetitive text! Here is my writing:\" or LQCD's leading query), run as a \
                 branch sequence in the same batch and combined by `rule`: extrapolate \
                 (1+beta) u+ - beta u-, or difference u+ - lambda u-, in `space` logits or \
-                logprobs. Not implemented yet: `amateur`, `image_noise`. Weight 0 with alpha 0 \
-                (and, for dola, repetition_penalty 1) gives the base distribution.",
+                logprobs. `amateur` (Li et al. 2023; O'Brien & Lewis 2023): another served model \
+                with the same tokenizer (`amateur_model`), run as a branch on that model in the \
+                same engine step; default rule difference in logprobs space (lambda 1, \
+                `amateur_temperature` 1), or extrapolate in logits space (beta 0.5). \
+                `image_noise` (VCD) needs a vision-language model. Weight 0 with alpha 0 (and, \
+                for dola, repetition_penalty 1) gives the base distribution.",
             parameters: vec![
                 ParamInfo {
                     name: "mode",
                     kind: "string",
                     default: json!(null),
-                    range: "\"dola\" | \"prompt\" (required)",
+                    range: "\"dola\" | \"prompt\" | \"amateur\" (required; \"image_noise\" needs a VLM)",
                     description: "Which contrast to use.",
-                    schema: json!({"enum": ["dola", "prompt"]}),
+                    schema: json!({"enum": ["dola", "prompt", "amateur", "image_noise"]}),
                 },
                 ParamInfo {
                     name: "layers",
@@ -254,7 +276,7 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     name: "lambda",
                     kind: "number",
                     default: json!(1.0),
-                    range: "[0, 100]; 0 = no contrast; dola, or prompt with rule difference",
+                    range: "[0, 100]; 0 = no contrast; dola, or prompt/amateur with rule difference",
                     description: "Weight of the contrast (premature layer or branch).",
                     schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 1.0}),
                 },
@@ -297,16 +319,16 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     name: "rule",
                     kind: "string",
                     default: json!("extrapolate"),
-                    range: "\"extrapolate\" | \"difference\"",
-                    description: "prompt: how the branches combine.",
+                    range: "\"extrapolate\" | \"difference\"; amateur defaults to difference",
+                    description: "prompt, amateur: how the branches combine.",
                     schema: json!({"enum": ["extrapolate", "difference"], "default": "extrapolate"}),
                 },
                 ParamInfo {
                     name: "beta",
                     kind: "number",
                     default: json!(1.0),
-                    range: "[0, 100]; 0 = no contrast; with rule extrapolate",
-                    description: "prompt: extrapolation weight.",
+                    range: "[0, 100]; 0 = no contrast; with rule extrapolate (amateur: default 0.5)",
+                    description: "prompt, amateur: extrapolation weight.",
                     schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 1.0}),
                 },
                 ParamInfo {
@@ -314,7 +336,7 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     kind: "string",
                     default: json!(null),
                     range: "\"logits\" | \"logprobs\"; default: logits for extrapolate, logprobs for difference",
-                    description: "prompt: compare raw logits or log-probabilities.",
+                    description: "prompt, amateur: compare raw logits or log-probabilities.",
                     schema: json!({"enum": ["logits", "logprobs"]}),
                 },
                 ParamInfo {
@@ -322,9 +344,35 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     kind: "number",
                     default: json!(1.0),
                     range: "(0, 100]",
-                    description: "prompt: the contrast branch's temperature in logprobs space \
-                        (CD used 0.5 for a GPT-2-small amateur).",
+                    description: "prompt: the contrast branch's temperature in logprobs space.",
                     schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 1.0}),
+                },
+                ParamInfo {
+                    name: "amateur_model",
+                    kind: "string",
+                    default: json!(null),
+                    range: "amateur (required): a served model id with the same vocabulary",
+                    description: "amateur: the model to contrast with, usually a smaller one of \
+                        the same family. The request's own model is allowed (a no-op check).",
+                    schema: json!({"type": "string"}),
+                },
+                ParamInfo {
+                    name: "amateur_temperature",
+                    kind: "number",
+                    default: json!(1.0),
+                    range: "(0, 100]",
+                    description: "amateur: the amateur's temperature in logprobs space (Li et \
+                        al. used 0.5 for a GPT-2-small amateur, 1.0 for OPT-125m).",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 1.0}),
+                },
+                ParamInfo {
+                    name: "ignore_prefix",
+                    kind: "boolean",
+                    default: json!(false),
+                    range: "",
+                    description: "amateur: give the amateur only the last prompt token and the \
+                        continuation (CD's --ignore_prefix, used by its paper scripts).",
+                    schema: json!({"type": "boolean", "default": false}),
                 },
             ],
         },

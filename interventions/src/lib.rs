@@ -51,17 +51,40 @@ pub trait Intervention: Send + Sync {
     fn resolved(&self) -> Value;
     /// Fresh per-sequence state: decoder hooks and/or a logits processor.
     fn install(&self) -> Installed;
-    /// Extra sequences this method runs beside each choice, in the same batch; their
+    /// Extra sequences this method runs beside each choice, in the same engine step; their
     /// last-position logits reach its processor every step.
-    fn branches(&self) -> Vec<BranchPrompt> {
+    fn branches(&self) -> Vec<Branch> {
         Vec::new()
+    }
+    /// Other served models this method reads (by id); the server checks that each exists and
+    /// shares the request model's tokenizer.
+    fn other_models(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Fresh per-sequence state for a sequence with this `prompt`. Methods that pick their
+    /// parameters per prompt (ZeroTuning's `auto`) run their extra passes on `decoder` here.
+    fn install_for(&self, _decoder: &Decoder, _prompt: &[u32]) -> candle_core::Result<Installed> {
+        Ok(self.install())
     }
 }
 
-/// How a contrast branch's prompt derives from the request's. The server renders it (chat
-/// template, tokenizer); the branch then receives every token the main sequence generates.
+/// A contrast branch: a sequence that starts from its own prompt and then receives every token
+/// the main sequence generates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub prompt: BranchPrompt,
+    /// The id of another served model to run it on; `None`: the request's model.
+    pub model: Option<String>,
+}
+
+/// How a branch's prompt derives from the request's. The server renders it (chat template,
+/// tokenizer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BranchPrompt {
+    /// The request's own prompt.
+    Same,
+    /// Only the last token of the request's prompt (CD's `ignore_prefix`).
+    LastToken,
     /// The last user message (chat) or the prompt (completions) replaced by this text.
     Replace(String),
     /// This text put in front of the last user message (chat) or of the prompt (completions).
@@ -73,13 +96,23 @@ pub enum BranchPrompt {
 pub struct Installed {
     pub hooks: Option<Box<dyn SequenceHooks>>,
     pub processor: Option<Box<dyn LogitsProcessor>>,
+    /// What the method chose for this sequence (ZeroTuning `auto`'s gamma), reported with the
+    /// choice.
+    pub report: Option<Value>,
 }
 
 impl Installed {
     pub fn hooks(hooks: impl SequenceHooks + 'static) -> Self {
         Self {
             hooks: Some(Box::new(hooks)),
-            processor: None,
+            ..Self::default()
+        }
+    }
+
+    pub fn processor(processor: impl LogitsProcessor + 'static) -> Self {
+        Self {
+            processor: Some(Box::new(processor)),
+            ..Self::default()
         }
     }
 }

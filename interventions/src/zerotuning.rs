@@ -1,13 +1,17 @@
 //! ZeroTuning (Han et al. 2025): scale the attention every query pays to the initial token by
 //! `gamma` and renormalize, in chosen layers and heads, at prefill and at every decode step.
 //!
+//! `auto` (the spec's proposal; the paper's unsupervised mode is UNVERIFIED) picks gamma per
+//! prompt: one prefill per grid value, batched, keeping the gamma whose next-token distribution
+//! at the last prompt position has the lowest entropy. It costs |grid| extra prefills.
+//!
 //! Implemented in the spec's exact pre-softmax form, `S[h, i, p0] += ln(gamma[h])`, which equals
 //! the code's post-softmax rescale-and-renormalize (the tests check both agree) and costs one
 //! add per head row. In our packed batches every sequence starts at key 0, so p0 = 0.
 
 use crate::params::{check_indices, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape};
-use attune_models::{AttentionSite, HookPoint, SequenceHooks};
+use attune_models::{AttentionSite, Decoder, DecoderInput, HookPoint, SequenceHooks, SequenceStep};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,6 +33,11 @@ fn one() -> f64 {
     1.0
 }
 
+/// The spec's proposed grid.
+pub const DEFAULT_AUTO_GRID: [f64; 6] = [0.5, 0.75, 1.0, 1.5, 2.0, 3.0];
+/// Most grid values (each is one extra prefill).
+pub const MAX_AUTO_GRID: usize = 16;
+
 /// One (layer, head) with its own gamma; overrides `gamma` there.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -44,10 +53,18 @@ pub struct ZeroTuning {
     pub layers: Vec<usize>,
     pub heads: Vec<usize>,
     pub per_head: Vec<HeadGamma>,
+    /// Grid searched per prompt for the gamma of `layers` x `heads` (replaces `gamma`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto: Option<Vec<f64>>,
     /// ln(gamma) per layer and query head; `None` for layers left alone.
     #[serde(skip)]
-    log_gamma: Arc<Vec<Option<Vec<f32>>>>,
+    log_gamma: Arc<LogGammaTable>,
+    #[serde(skip)]
+    shape: ModelShape,
 }
+
+/// ln(gamma) per layer and query head; `None` for layers left alone.
+type LogGammaTable = Vec<Option<Vec<f32>>>;
 
 impl ZeroTuning {
     pub fn from_request(
@@ -55,13 +72,8 @@ impl ZeroTuning {
         shape: &ModelShape,
     ) -> std::result::Result<Self, InterventionError> {
         let req: Request = from_value(params)?;
-        if req.auto.is_some() {
-            return Err(InterventionError::new(
-                "auto",
-                "entropy-picked gamma is not implemented yet",
-            ));
-        }
         check_gamma("gamma", req.gamma)?;
+        let auto = req.auto.map(auto_grid).transpose()?.flatten();
         let layers = req
             .layers
             .unwrap_or_else(|| (0..shape.num_layers).collect());
@@ -80,16 +92,31 @@ impl ZeroTuning {
             check_gamma(&format!("{field}.gamma"), p.gamma)?;
         }
 
-        let mut table = vec![vec![1.0f64; shape.num_heads]; shape.num_layers];
-        for &l in &layers {
-            for &h in &heads {
-                table[l][h] = req.gamma;
+        let mut zt = Self {
+            gamma: req.gamma,
+            layers,
+            heads,
+            per_head: req.per_head,
+            auto,
+            shape: *shape,
+            log_gamma: Arc::default(),
+        };
+        zt.log_gamma = Arc::new(zt.table(req.gamma));
+        Ok(zt)
+    }
+
+    /// ln(gamma) per layer and head: `gamma` on `layers` x `heads`, then the `per_head` entries.
+    fn table(&self, gamma: f64) -> LogGammaTable {
+        let mut table = vec![vec![1.0f64; self.shape.num_heads]; self.shape.num_layers];
+        for &l in &self.layers {
+            for &h in &self.heads {
+                table[l][h] = gamma;
             }
         }
-        for p in &req.per_head {
+        for p in &self.per_head {
             table[p.layer][p.head] = p.gamma;
         }
-        let log_gamma = table
+        table
             .into_iter()
             .map(|row| {
                 // gamma = 1 everywhere in a layer: install nothing there (bit-identical).
@@ -97,15 +124,97 @@ impl ZeroTuning {
                     .any(|&g| g != 1.0)
                     .then(|| row.iter().map(|g| g.ln() as f32).collect())
             })
-            .collect();
-        Ok(Self {
-            gamma: req.gamma,
-            layers,
-            heads,
-            per_head: req.per_head,
-            log_gamma: Arc::new(log_gamma),
-        })
+            .collect()
     }
+
+    /// The auto grid's gamma with the lowest next-token entropy after `prompt`, and every
+    /// grid value's entropy (nats). All grid prefills run as one batch.
+    pub fn pick_gamma(&self, decoder: &Decoder, prompt: &[u32]) -> Result<(f64, Vec<f64>)> {
+        let grid = self
+            .auto
+            .as_deref()
+            .unwrap_or(std::slice::from_ref(&self.gamma));
+        let mut caches: Vec<_> = grid.iter().map(|_| decoder.new_cache()).collect();
+        let mut hooks: Vec<ZeroTuningHooks> = grid
+            .iter()
+            .map(|&g| ZeroTuningHooks {
+                log_gamma: Arc::new(self.table(g)),
+            })
+            .collect();
+        let mut steps: Vec<SequenceStep> = caches
+            .iter_mut()
+            .zip(hooks.iter_mut())
+            .map(|(cache, h)| {
+                SequenceStep::new(DecoderInput::Tokens(prompt.to_vec()), cache).with_hooks(h)
+            })
+            .collect();
+        let logits = decoder.forward(&mut steps)?;
+        let entropies = logits
+            .into_iter()
+            .map(|l| {
+                let row = l
+                    .ok_or_else(|| candle_core::Error::msg("no logits"))?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?;
+                Ok(entropy(&row))
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        let best = entropies
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .expect("the grid is not empty");
+        Ok((grid[best], entropies))
+    }
+}
+
+/// Entropy (nats) of softmax(logits).
+fn entropy(logits: &[f32]) -> f64 {
+    let logp = crate::contrastive::log_softmax(logits);
+    -logp
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| l.exp() * l)
+        .sum::<f64>()
+}
+
+/// `auto`: `true` (the default grid), `false` (off) or `{"grid": [gamma, ...]}`.
+fn auto_grid(auto: Value) -> std::result::Result<Option<Vec<f64>>, InterventionError> {
+    let grid = match auto {
+        Value::Bool(on) => return Ok(on.then(|| DEFAULT_AUTO_GRID.to_vec())),
+        Value::Object(mut fields) => {
+            let grid = fields.remove("grid");
+            if let Some(other) = fields.keys().next() {
+                return Err(InterventionError::new(
+                    format!("auto.{other}"),
+                    "unknown field (auto takes only `grid`)",
+                ));
+            }
+            match grid {
+                None => return Ok(Some(DEFAULT_AUTO_GRID.to_vec())),
+                Some(g) => serde_json::from_value::<Vec<f64>>(g).map_err(|_| {
+                    InterventionError::new("auto.grid", "must be an array of numbers")
+                })?,
+            }
+        }
+        _ => {
+            return Err(InterventionError::new(
+                "auto",
+                "must be true, false or {\"grid\": [gamma, ...]}",
+            ))
+        }
+    };
+    if grid.is_empty() || grid.len() > MAX_AUTO_GRID {
+        return Err(InterventionError::new(
+            "auto.grid",
+            format!("needs 1 to {MAX_AUTO_GRID} values (got {})", grid.len()),
+        ));
+    }
+    for (i, &g) in grid.iter().enumerate() {
+        check_gamma(&format!("auto.grid[{i}]"), g)?;
+    }
+    Ok(Some(grid))
 }
 
 fn check_gamma(field: &str, gamma: f64) -> std::result::Result<(), InterventionError> {
@@ -132,6 +241,22 @@ impl Intervention for ZeroTuning {
         Installed::hooks(ZeroTuningHooks {
             log_gamma: self.log_gamma.clone(),
         })
+    }
+
+    fn install_for(&self, decoder: &Decoder, prompt: &[u32]) -> Result<Installed> {
+        let Some(grid) = &self.auto else {
+            return Ok(self.install());
+        };
+        let (gamma, entropies) = self.pick_gamma(decoder, prompt)?;
+        let mut installed = Installed::hooks(ZeroTuningHooks {
+            log_gamma: Arc::new(self.table(gamma)),
+        });
+        installed.report = Some(serde_json::json!({
+            "gamma": gamma,
+            "grid": grid,
+            "entropy": entropies,
+        }));
+        Ok(installed)
     }
 }
 

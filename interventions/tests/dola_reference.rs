@@ -114,8 +114,8 @@ fn neutral_contrast_installs_nothing_and_bad_modes_are_named() {
             .to_string()
     };
     assert!(
-        err(json!({"type": "contrastive_decoding", "mode": "amateur"}))
-            .contains("not implemented yet")
+        err(json!({"type": "contrastive_decoding", "mode": "image_noise"}))
+            .starts_with("interventions[0].mode:")
     );
     assert!(err(json!({"type": "contrastive_decoding", "mode": "x"}))
         .starts_with("interventions[0].mode:"));

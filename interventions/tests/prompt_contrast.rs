@@ -1,7 +1,8 @@
-//! Contrastive decoding's unified step (spec §4) in `prompt` mode.
+//! Contrastive decoding's unified step (spec §4) in the two-branch modes, `prompt` and
+//! `amateur`.
 
 use attune_interventions::contrastive::PromptContrast;
-use attune_interventions::{parse_all, BranchPrompt, Intervention};
+use attune_interventions::{parse_all, Branch, BranchPrompt, Intervention};
 use serde_json::json;
 
 mod common;
@@ -71,9 +72,10 @@ fn branches_and_errors() {
     let parsed = parse_all(&[spec], &shape).unwrap();
     assert_eq!(
         parsed[0].branches(),
-        vec![BranchPrompt::Replace(
-            "Agree with me: is the sky green?".into()
-        )]
+        vec![Branch {
+            prompt: BranchPrompt::Replace("Agree with me: is the sky green?".into()),
+            model: None
+        }]
     );
     assert_eq!(parsed[0].resolved()["rule"], "extrapolate");
     assert_eq!(parsed[0].resolved()["space"], "logits");
@@ -85,7 +87,76 @@ fn branches_and_errors() {
     assert!(err(json!({"type": "contrastive_decoding", "mode": "prompt", "contrast_prompt": "x", "lambda": 1})).starts_with("interventions[0].lambda:"));
     assert!(err(json!({"type": "contrastive_decoding", "mode": "prompt", "contrast_prompt": "x", "beta": -1})).starts_with("interventions[0].beta:"));
     assert!(
-        err(json!({"type": "contrastive_decoding", "mode": "amateur"}))
-            .contains("not implemented yet")
+        err(json!({"type": "contrastive_decoding", "mode": "image_noise"}))
+            .contains("vision-language model")
     );
+}
+
+#[test]
+fn amateur_mode_defaults_branches_and_errors() {
+    let shape = smollm2_shape();
+    let amateur = |extra: serde_json::Value| {
+        let mut spec =
+            json!({"type": "contrastive_decoding", "mode": "amateur", "amateur_model": "small"});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        parse_all(&[spec], &shape)
+    };
+    // Li et al.'s CD by default: difference of log-probabilities, lambda 1, alpha .1.
+    let cd = amateur(json!({})).unwrap();
+    assert_eq!(
+        cd[0].resolved(),
+        json!({"mode": "amateur", "amateur_model": "small", "rule": "difference", "lambda": 1.0,
+               "alpha": 0.1, "space": "logprobs", "amateur_temperature": 1.0, "ignore_prefix": false})
+    );
+    assert_eq!(cd[0].other_models(), vec!["small".to_string()]);
+    assert_eq!(
+        cd[0].branches(),
+        vec![Branch {
+            prompt: BranchPrompt::Same,
+            model: Some("small".into())
+        }]
+    );
+    // O'Brien & Lewis: extrapolate in logit space, beta .5.
+    let ob = amateur(json!({"rule": "extrapolate", "ignore_prefix": true})).unwrap();
+    assert_eq!(ob[0].resolved()["beta"], 0.5);
+    assert_eq!(ob[0].resolved()["space"], "logits");
+    assert_eq!(ob[0].branches()[0].prompt, BranchPrompt::LastToken);
+    // Neutral: no branch runs, but the model is still named for the server to check.
+    let neutral = amateur(json!({"lambda": 0.0, "alpha": 0.0})).unwrap();
+    assert!(neutral[0].branches().is_empty());
+    assert_eq!(neutral[0].other_models(), vec!["small".to_string()]);
+
+    let err = |r: Result<_, attune_interventions::InterventionError>| r.err().unwrap().to_string();
+    assert!(err(parse_all(
+        &[json!({"type": "contrastive_decoding", "mode": "amateur"})],
+        &shape
+    ))
+    .starts_with("interventions[0].amateur_model:"));
+    assert!(err(amateur(json!({"amateur_temperature": 0.0})))
+        .starts_with("interventions[0].amateur_temperature:"));
+    assert!(err(amateur(json!({"beta": 1.0}))).starts_with("interventions[0].beta:"));
+    assert!(err(amateur(json!({"contrast_prompt": "x"})))
+        .starts_with("interventions[0].contrast_prompt:"));
+}
+
+#[test]
+fn a_shorter_contrast_vocabulary_masks_the_tokens_past_it() {
+    // Padded lm_heads: compare on the common part; the rest can never be chosen.
+    let spec = json!({"type": "contrastive_decoding", "mode": "amateur", "amateur_model": "a",
+                      "rule": "extrapolate", "beta": 1.0, "alpha": 0.0});
+    let parsed = parse_all(&[spec], &smollm2_shape()).unwrap();
+    let mut processor = parsed[0].install().processor.unwrap();
+    let decoder = attune_models::testing::random_decoder(
+        &attune_models::testing::tiny_config(),
+        1,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let out = processor
+        .process(POSITIVE.to_vec(), &[NEGATIVE[..3].to_vec()], &decoder, &[])
+        .unwrap();
+    assert_eq!(&out[..3], &[2.5, 3.0, -0.5]);
+    assert_eq!(out[3], f32::NEG_INFINITY);
 }

@@ -1,6 +1,7 @@
 //! ZeroTuning's invariants (spec §1 "Sanity") on a tiny seeded model.
 
 use attune_interventions::{parse, parse_all};
+use attune_models::testing::{random_decoder, tiny_config};
 use attune_models::{AttentionSite, HookPoint};
 use candle_core::{Device, Result, Tensor, D};
 use serde_json::json;
@@ -153,4 +154,91 @@ fn resolved_parameters_fill_in_defaults() {
         z.resolved(),
         json!({"gamma": 1.5, "layers": [0, 1], "heads": [0, 1, 2, 3], "per_head": []})
     );
+}
+
+/// Entropy (nats) of softmax(row).
+fn entropy(row: &[f32]) -> f64 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+    row.iter()
+        .map(|&v| {
+            let p = (v as f64 - max).exp() / z;
+            if p > 0.0 {
+                -p * p.ln()
+            } else {
+                0.0
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn auto_picks_the_grid_gamma_with_the_lowest_next_token_entropy() {
+    let prompt = [1u32, 5, 9, 2, 7, 3];
+    let grid = [0.25, 1.0, 2.0, 6.0];
+    // Each gamma's entropy from its own plain (non-auto) run.
+    let expected: Vec<f64> = grid
+        .iter()
+        .map(|&g| {
+            let spec = json!({"type": "zerotuning", "gamma": g});
+            entropy(&prefill_then_decode(3, Some(spec), &prompt, &[])[0])
+        })
+        .collect();
+    let spec = json!({"type": "zerotuning", "auto": {"grid": grid}});
+    let zt = parse(&spec, &tiny_shape()).unwrap();
+    let decoder = random_decoder(&tiny_config(), 3, &Device::Cpu).unwrap();
+    let installed = zt.install_for(&decoder, &prompt).unwrap();
+    let report = installed.report.expect("auto reports its choice");
+    let entropies: Vec<f64> = serde_json::from_value(report["entropy"].clone()).unwrap();
+    for (got, want) in entropies.iter().zip(&expected) {
+        assert!((got - want).abs() < 1e-4, "{entropies:?} vs {expected:?}");
+    }
+    let best = (0..grid.len())
+        .min_by(|&a, &b| expected[a].total_cmp(&expected[b]))
+        .unwrap();
+    assert_eq!(report["gamma"], json!(grid[best]));
+    assert!(
+        expected.iter().any(|&e| (e - expected[best]).abs() > 1e-3),
+        "the grid should make a difference on this model: {expected:?}"
+    );
+    // The installed hooks are the chosen gamma's: same logits as asking for it directly.
+    let mut hooks = installed.hooks.unwrap();
+    let mut cache = decoder.new_cache();
+    let auto_row = decoder
+        .forward_one(&prompt, &mut cache, Some(hooks.as_mut()))
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let direct = json!({"type": "zerotuning", "gamma": grid[best]});
+    assert_eq!(
+        auto_row,
+        prefill_then_decode(3, Some(direct), &prompt, &[])[0]
+    );
+}
+
+#[test]
+fn auto_forms_and_errors() {
+    let shape = tiny_shape();
+    let resolved = |auto| {
+        parse(&json!({"type": "zerotuning", "auto": auto}), &shape)
+            .unwrap()
+            .resolved()
+    };
+    assert_eq!(
+        resolved(json!(true))["auto"],
+        json!([0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
+    );
+    assert_eq!(resolved(json!({}))["auto"], resolved(json!(true))["auto"]);
+    assert!(resolved(json!(false)).get("auto").is_none());
+    let err = |auto| {
+        parse_all(&[json!({"type": "zerotuning", "auto": auto})], &shape)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    assert!(err(json!({"grid": []})).starts_with("interventions[0].auto.grid:"));
+    assert!(err(json!({"grid": [1.0, -2.0]})).starts_with("interventions[0].auto.grid[1]:"));
+    assert!(err(json!({"grid": "x"})).starts_with("interventions[0].auto.grid:"));
+    assert!(err(json!({"grids": [1.0]})).starts_with("interventions[0].auto.grids:"));
+    assert!(err(json!("yes")).starts_with("interventions[0].auto:"));
 }

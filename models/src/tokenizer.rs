@@ -202,6 +202,14 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether both tokenizers map every id to the same token (so one's ids mean the same to
+    /// a model of the other, as contrastive decoding with an amateur model needs).
+    pub fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
+        let size = self.vocab_size();
+        size == other.vocab_size()
+            && (0..size as u32).all(|id| self.inner.id_to_token(id) == other.inner.id_to_token(id))
+    }
+
     pub fn bos(&self) -> Option<u32> {
         self.bos
     }

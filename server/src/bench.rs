@@ -189,6 +189,7 @@ fn run_attune(
     let Installed {
         mut hooks,
         mut processor,
+        ..
     } = installed;
     let decoder = &model.decoder;
     let mut cache = decoder.new_cache();

@@ -13,6 +13,7 @@ use attune_models::{
     SequenceStep,
 };
 use candle_core::{Result as CandleResult, Tensor};
+use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
@@ -22,8 +23,16 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct ChoiceSpec {
     pub prompt: Vec<u32>,
     pub params: GenerationParams,
-    /// Prompts of the interventions' contrast branches, in intervention order.
-    pub branch_prompts: Vec<Vec<u32>>,
+    /// The interventions' contrast branches, in intervention order.
+    pub branches: Vec<BranchSpec>,
+}
+
+/// A contrast branch ready to run: its prompt tokens and the model it runs on.
+#[derive(Clone)]
+pub struct BranchSpec {
+    pub prompt: Vec<u32>,
+    /// Another served model (contrastive decoding's amateur); `None`: the request's model.
+    pub model: Option<Arc<Model>>,
 }
 
 pub struct GenerationRequest {
@@ -119,10 +128,11 @@ impl Engine {
     }
 }
 
-/// A contrast branch: another sequence of the same model that receives every token its main
-/// sequence generates, run in the same batch.
+/// A contrast branch: another sequence that receives every token its main sequence generates,
+/// run in the same step (in the same batch when it runs on the same model).
 struct Branch {
     prompt: Vec<u32>,
+    model: Option<Arc<Model>>,
     cache: KvCache,
     started: bool,
 }
@@ -137,6 +147,8 @@ struct Running {
     /// applied in request order before sampling.
     processors: Vec<(Box<dyn LogitsProcessor>, std::ops::Range<usize>)>,
     hook_time: Vec<(&'static str, Arc<AtomicU64>)>,
+    /// What the interventions chose for this sequence, sent with its first token.
+    report: Option<Value>,
     events: UnboundedSender<EngineEvent>,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -196,63 +208,85 @@ impl Scheduler {
         }
     }
 
-    fn start_request(&mut self, request: GenerationRequest) {
-        let tokenizer = &self.model.tokenizer;
-        let context = self.model.decoder.config().max_position_embeddings;
-        for (choice, spec) in request.choices.into_iter().enumerate() {
+    fn start_request(&mut self, mut request: GenerationRequest) {
+        let choices = std::mem::take(&mut request.choices);
+        for (choice, spec) in choices.into_iter().enumerate() {
             self.metrics
                 .prompt_tokens
                 .with_label_values(&[&self.model_id])
                 .inc_by(spec.prompt.len() as u64);
-            let mut hook_time = Vec::new();
-            let mut hooks = Vec::new();
-            let mut processors = Vec::new();
-            let mut first_branch = 0;
-            for intervention in request.interventions.iter() {
-                let installed = intervention.install();
-                if let Some(inner) = installed.hooks {
-                    let spent = Arc::new(AtomicU64::new(0));
-                    hook_time.push((intervention.name(), spent.clone()));
-                    hooks.push(Box::new(TimedHooks {
-                        inner,
-                        spent_nanos: spent,
-                    }) as Box<dyn SequenceHooks>);
+            match self.start_choice(choice, spec, &request) {
+                Ok(running) => self.running.push(running),
+                Err(e) => {
+                    let message = format!("installing the interventions failed: {e}");
+                    tracing::error!(model = %self.model_id, "{message}");
+                    let _ = request.events.send(EngineEvent::Failed { message });
                 }
-                let branch_count = intervention.branches().len();
-                if let Some(p) = installed.processor {
-                    processors.push((p, first_branch..first_branch + branch_count));
-                }
-                first_branch += branch_count;
             }
-            let branches = spec
-                .branch_prompts
-                .into_iter()
-                .map(|prompt| Branch {
-                    prompt,
-                    cache: self.model.decoder.new_cache(),
-                    started: false,
-                })
-                .collect();
-            let hooks = (!hooks.is_empty()).then(|| HookStack(hooks));
-            let seq = Sequence::new(
-                spec.prompt,
-                spec.params,
-                self.model.decoder.new_cache(),
-                tokenizer.stop_ids().clone(),
-                context,
-            );
-            self.running.push(Running {
-                choice,
-                seq,
-                hooks,
-                branches,
-                processors,
-                hook_time,
-                events: request.events.clone(),
-                arrived: request.arrived,
-                last_token: None,
-            });
         }
+    }
+
+    /// Installs the interventions on one choice (running any extra passes they need first).
+    fn start_choice(
+        &self,
+        choice: usize,
+        spec: ChoiceSpec,
+        request: &GenerationRequest,
+    ) -> CandleResult<Running> {
+        let decoder = &self.model.decoder;
+        let mut hook_time = Vec::new();
+        let mut hooks = Vec::new();
+        let mut processors = Vec::new();
+        let mut reports = serde_json::Map::new();
+        let mut first_branch = 0;
+        for intervention in request.interventions.iter() {
+            let installed = intervention.install_for(decoder, &spec.prompt)?;
+            if let Some(inner) = installed.hooks {
+                let spent = Arc::new(AtomicU64::new(0));
+                hook_time.push((intervention.name(), spent.clone()));
+                hooks.push(Box::new(TimedHooks {
+                    inner,
+                    spent_nanos: spent,
+                }) as Box<dyn SequenceHooks>);
+            }
+            let branch_count = intervention.branches().len();
+            if let Some(p) = installed.processor {
+                processors.push((p, first_branch..first_branch + branch_count));
+            }
+            if let Some(report) = installed.report {
+                reports.insert(intervention.name().to_string(), report);
+            }
+            first_branch += branch_count;
+        }
+        let branches = spec
+            .branches
+            .into_iter()
+            .map(|b| Branch {
+                cache: b.model.as_ref().map_or(decoder, |m| &m.decoder).new_cache(),
+                prompt: b.prompt,
+                model: b.model,
+                started: false,
+            })
+            .collect();
+        let seq = Sequence::new(
+            spec.prompt,
+            spec.params,
+            decoder.new_cache(),
+            self.model.tokenizer.stop_ids().clone(),
+            decoder.config().max_position_embeddings,
+        );
+        Ok(Running {
+            choice,
+            seq,
+            hooks: (!hooks.is_empty()).then(|| HookStack(hooks)),
+            branches,
+            processors,
+            hook_time,
+            report: (!reports.is_empty()).then_some(Value::Object(reports)),
+            events: request.events.clone(),
+            arrived: request.arrived,
+            last_token: None,
+        })
     }
 
     /// One decoder step for the whole batch, then sampling and events per sequence.
@@ -285,7 +319,7 @@ impl Scheduler {
         let mut still_running = Vec::with_capacity(batch);
         let running = std::mem::take(&mut self.running);
         for (mut r, logits) in running.into_iter().zip(logits) {
-            let output = logits
+            let mut output = logits
                 .and_then(|row| apply_processors(&self.model, &mut r, row))
                 .map_err(|e| e.to_string())
                 .and_then(|row| {
@@ -293,6 +327,9 @@ impl Scheduler {
                         .on_logits(&row, &self.model.tokenizer)
                         .map_err(|e| e.to_string())
                 });
+            if let Ok(output) = &mut output {
+                output.intervention_report = r.report.take();
+            }
             match output {
                 Ok(output) => {
                     match r.last_token {
@@ -391,41 +428,71 @@ struct StepLogits {
     branches: Vec<Vec<f32>>,
 }
 
-/// Runs the decoder on `running` (with their branches) in one batch.
+/// Runs the decoder on `running` and their branches: everything on the engine's model in one
+/// batch, then each other model's branches (contrastive decoding's amateurs) in one batch each.
 fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<StepLogits>> {
-    let mut steps: Vec<SequenceStep> = Vec::new();
+    // Batches by model (index 0 = the engine's), and where each branch's logits will be.
+    let mut models: Vec<&Model> = vec![model];
+    let mut batches: Vec<Vec<SequenceStep>> = vec![Vec::new()];
+    let mut main_rows: Vec<usize> = Vec::with_capacity(running.len());
+    let mut branch_rows: Vec<(usize, usize)> = Vec::new();
     for r in running.iter_mut() {
         let last = r.seq.generated().last().copied();
         let input = r.seq.next_input();
         let mut step = SequenceStep::new(input, r.seq.cache_mut());
         step.hooks = r.hooks.as_mut().map(|h| h as &mut dyn SequenceHooks);
-        steps.push(step);
+        main_rows.push(batches[0].len());
+        batches[0].push(step);
         for b in &mut r.branches {
             // A branch starts with its own prompt, then follows the main sequence's tokens.
             let input = match (b.started, last) {
                 (true, Some(t)) => vec![t],
                 _ => b.prompt.clone(),
             };
-            steps.push(SequenceStep::new(DecoderInput::Tokens(input), &mut b.cache));
+            let group = match &b.model {
+                None => 0,
+                Some(m) => match models.iter().position(|&known| std::ptr::eq(known, &**m)) {
+                    Some(g) => g,
+                    None => {
+                        models.push(m);
+                        batches.push(Vec::new());
+                        models.len() - 1
+                    }
+                },
+            };
+            branch_rows.push((group, batches[group].len()));
+            batches[group].push(SequenceStep::new(DecoderInput::Tokens(input), &mut b.cache));
         }
     }
-    let mut logits = model.decoder.forward(&mut steps)?.into_iter().map(|l| {
-        l.ok_or_else(|| candle_core::Error::msg("missing logits"))?
-            .squeeze(0)?
-            .to_vec1::<f32>()
-    });
-    drop(steps);
+    let mut logits: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(batches.len());
+    for (m, mut batch) in models.iter().zip(batches) {
+        let rows = m
+            .decoder
+            .forward(&mut batch)?
+            .into_iter()
+            .map(|l| {
+                l.ok_or_else(|| candle_core::Error::msg("missing logits"))?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()
+            })
+            .map(|row| row.map(Some))
+            .collect::<CandleResult<Vec<_>>>()?;
+        logits.push(rows);
+    }
+    let mut take = |group: usize, row: usize| logits[group][row].take().expect("read once");
+    let mut branch_rows = branch_rows.into_iter();
     let mut out = Vec::with_capacity(running.len());
-    for r in running.iter_mut() {
-        let main = logits.next().expect("one row per step")?;
+    for (r, main_row) in running.iter_mut().zip(main_rows) {
+        let main = take(0, main_row);
         let branches = r
             .branches
             .iter_mut()
             .map(|b| {
                 b.started = true;
-                logits.next().expect("one row per step")
+                let (group, row) = branch_rows.next().expect("one row per branch");
+                take(group, row)
             })
-            .collect::<CandleResult<Vec<_>>>()?;
+            .collect();
         out.push(StepLogits { main, branches });
     }
     Ok(out)

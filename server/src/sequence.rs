@@ -54,6 +54,8 @@ pub struct StepOutput {
     pub text: String,
     pub logprob: Option<TokenLogprob>,
     pub finished: Option<FinishReason>,
+    /// What the interventions chose for this choice (first step only), by method name.
+    pub intervention_report: Option<serde_json::Value>,
 }
 
 pub struct Sequence {

@@ -194,10 +194,14 @@ struct ChoiceState {
     tokens: usize,
     finish: Option<FinishReason>,
     logprobs: Vec<TokenLogprob>,
+    intervention_report: Option<Value>,
 }
 
 impl ChoiceState {
     fn add(&mut self, out: &StepOutput) {
+        if out.intervention_report.is_some() {
+            self.intervention_report = out.intervention_report.clone();
+        }
         self.text.push_str(&out.text);
         self.tokens += 1;
         self.finish = out.finished;
@@ -237,19 +241,25 @@ async fn collect(
     let body_choices: Vec<Value> = choices
         .iter()
         .enumerate()
-        .map(|(index, c)| match reply.endpoint {
-            Endpoint::Chat => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": reply.logprobs.map(|_| chat_logprobs(tokenizer, &c.logprobs)),
-                "finish_reason": c.finish,
-            }),
-            Endpoint::Completion => json!({
-                "index": index,
-                "text": c.text,
-                "logprobs": reply.logprobs.map(|_| completion_logprobs(tokenizer, &c.logprobs)),
-                "finish_reason": c.finish,
-            }),
+        .map(|(index, c)| {
+            let mut choice = match reply.endpoint {
+                Endpoint::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": reply.logprobs.map(|_| chat_logprobs(tokenizer, &c.logprobs)),
+                    "finish_reason": c.finish,
+                }),
+                Endpoint::Completion => json!({
+                    "index": index,
+                    "text": c.text,
+                    "logprobs": reply.logprobs.map(|_| completion_logprobs(tokenizer, &c.logprobs)),
+                    "finish_reason": c.finish,
+                }),
+            };
+            if let Some(report) = &c.intervention_report {
+                choice["intervention_report"] = report.clone();
+            }
+            choice
         })
         .collect();
     Ok(json!({
@@ -392,10 +402,14 @@ fn stream(
                     Endpoint::Completion => json!(completion_logprobs(tokenizer, &steps)),
                 }
             });
-            if output.text.is_empty() && output.finished.is_none() && logprobs.is_none() {
+            if output.text.is_empty()
+                && output.finished.is_none()
+                && logprobs.is_none()
+                && output.intervention_report.is_none()
+            {
                 continue;
             }
-            let body = match reply.endpoint {
+            let mut body = match reply.endpoint {
                 Endpoint::Chat => {
                     let delta = if output.text.is_empty() {
                         json!({})
@@ -408,6 +422,9 @@ fn stream(
                     json!({"index": choice, "text": output.text, "logprobs": logprobs, "finish_reason": output.finished})
                 }
             };
+            if let Some(report) = output.intervention_report {
+                body["intervention_report"] = report;
+            }
             if !send(chunk(json!([body]), None)).await {
                 return; // client gone: dropping rx cancels the sequences
             }

@@ -103,6 +103,8 @@ fn schemas() -> Value {
         "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
     }});
     let finish = json!({"enum": ["stop", "length", null]});
+    let report = json!({"type": "object", "description": "Present when an intervention chose \
+        something per prompt, by method name (e.g. zerotuning auto: gamma, grid, entropy)"});
     json!({
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object",
@@ -151,6 +153,7 @@ fn schemas() -> Value {
                 "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
                 "logprobs": {"type": ["object", "null"]},
                 "finish_reason": finish,
+                "intervention_report": report,
             }}},
             "usage": usage,
             "interventions": {"type": "array", "items": {"type": "object"}, "description": "The interventions with every default filled in"},
@@ -159,6 +162,7 @@ fn schemas() -> Value {
             "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"}, "model": {"type": "string"},
             "choices": {"type": "array", "items": {"type": "object", "properties": {
                 "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": ["object", "null"]}, "finish_reason": finish,
+                "intervention_report": report,
             }}},
             "usage": usage,
             "interventions": {"type": "array", "items": {"type": "object"}},

@@ -7,7 +7,7 @@ use crate::api::types::{
     ChatCompletionRequest, CompletionRequest, ContentPart, MessageContent, PromptSpec,
     SamplingFields, StopSpec,
 };
-use crate::engine::{ChoiceSpec, Engine};
+use crate::engine::{BranchSpec, ChoiceSpec, Engine};
 use crate::sampling::SamplingParams;
 use crate::sequence::GenerationParams;
 use attune_interventions::{BranchPrompt, Intervention, ModelKind, ModelShape};
@@ -211,7 +211,7 @@ fn finish(
                 .min(room),
         };
         prompt_tokens += prompt.len();
-        let branch_prompts = branch_prompts(c.model, &parsed, &source, &prompt, max_tokens)?;
+        let branches = branches(c.state, c.model, &parsed, &source, &prompt, max_tokens)?;
         for i in 0..n {
             let mut sampling = sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
@@ -223,7 +223,7 @@ fn finish(
                     sampling,
                     logprobs: c.logprobs,
                 },
-                branch_prompts: branch_prompts.clone(),
+                branches: branches.clone(),
             });
         }
     }
@@ -275,8 +275,43 @@ fn parse_interventions(
     }
     let cfg = model.decoder.config();
     let shape = ModelShape::of(cfg, ModelKind::Llm);
-    attune_interventions::parse_all(specs, &shape)
-        .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))
+    let parsed = attune_interventions::parse_all(specs, &shape)
+        .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))?;
+    for (i, intervention) in parsed.iter().enumerate() {
+        for id in intervention.other_models() {
+            other_model(state, model, &id, i)?;
+        }
+    }
+    Ok(parsed)
+}
+
+/// Another served model an intervention reads (contrastive decoding's amateur): it must be
+/// loaded and share `model`'s vocabulary.
+fn other_model(
+    state: &AppState,
+    model: &Model,
+    id: &str,
+    index: usize,
+) -> Result<Arc<Model>, ApiError> {
+    let field = format!("interventions[{index}].amateur_model");
+    let engine = state.engine(Some(id)).map_err(|e| match e.status {
+        axum::http::StatusCode::NOT_FOUND => ApiError::invalid(
+            &field,
+            format!(
+                "`{id}` is not a served model (served: {})",
+                state.model_ids().join(", ")
+            ),
+        ),
+        _ => e,
+    })?;
+    let other = engine.model.clone();
+    if !std::ptr::eq(&*other, model) && !other.tokenizer.same_vocabulary(&model.tokenizer) {
+        return Err(ApiError::invalid(
+            &field,
+            format!("`{id}` has a different tokenizer vocabulary than the request's model"),
+        ));
+    }
+    Ok(other)
 }
 
 /// Sampling settings, stop strings and `n`.
@@ -468,71 +503,100 @@ fn completion_prompts(
     Ok(prompts)
 }
 
-/// Token prompts of the interventions' contrast branches for one request prompt.
-fn branch_prompts(
+/// The interventions' contrast branches for one request prompt: their token prompts and the
+/// models they run on.
+fn branches(
+    state: &AppState,
     model: &Model,
     interventions: &[Box<dyn Intervention>],
     source: &PromptSource,
     prompt: &[u32],
     max_tokens: usize,
-) -> Result<Vec<Vec<u32>>, ApiError> {
-    let context = model.decoder.config().max_position_embeddings;
+) -> Result<Vec<BranchSpec>, ApiError> {
     let mut out = Vec::new();
     for (i, intervention) in interventions.iter().enumerate() {
         let param = format!("interventions[{i}]");
         for branch in intervention.branches() {
-            let tokens = match (source, &branch) {
-                (PromptSource::Chat(messages), _) => {
-                    let mut messages = messages.clone();
-                    let last_user = messages
-                        .iter_mut()
-                        .rev()
-                        .find(|m| m["role"] == "user")
-                        .ok_or_else(|| {
-                            ApiError::invalid(
-                                &param,
-                                "A contrast prompt needs a user message to change",
-                            )
-                        })?;
-                    let content = last_user["content"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
-                    last_user["content"] = Value::String(match &branch {
-                        BranchPrompt::Replace(text) => text.clone(),
-                        BranchPrompt::Prefix(prefix) => format!("{prefix}{content}"),
-                    });
-                    model.chat_prompt(&messages)
-                }
-                (PromptSource::Text(_) | PromptSource::Tokens, BranchPrompt::Replace(new)) => {
-                    model.completion_prompt(new)
-                }
-                (PromptSource::Text(text), BranchPrompt::Prefix(prefix)) => {
-                    model.completion_prompt(&format!("{prefix}{text}"))
-                }
-                (PromptSource::Tokens, BranchPrompt::Prefix(prefix)) => {
-                    model.tokenizer.encode(prefix, true).map(|mut ids| {
-                        ids.extend_from_slice(prompt);
-                        ids
-                    })
-                }
-            }
-            .map_err(|e| ApiError::invalid(&param, format!("{e:#}")))?;
+            let tokens = branch_tokens(model, source, prompt, &branch.prompt)
+                .map_err(|e| ApiError::invalid(&param, e))?;
             if tokens.is_empty() {
                 return Err(ApiError::invalid(&param, "The contrast prompt is empty"));
             }
+            let runs_on = branch
+                .model
+                .as_deref()
+                .map(|id| other_model(state, model, id, i))
+                .transpose()?;
+            let context = runs_on
+                .as_deref()
+                .unwrap_or(model)
+                .decoder
+                .config()
+                .max_position_embeddings;
             if tokens.len() + max_tokens > context {
                 return Err(ApiError::context_length(
                     &param,
                     format!(
-                        "The contrast prompt has {} tokens; with {max_tokens} to generate it \
-                         exceeds the model's context of {context}",
+                        "The contrast branch's prompt has {} tokens; with {max_tokens} to \
+                         generate it exceeds its model's context of {context}",
                         tokens.len()
                     ),
                 ));
             }
-            out.push(tokens);
+            out.push(BranchSpec {
+                prompt: tokens,
+                model: runs_on,
+            });
         }
     }
     Ok(out)
+}
+
+/// A branch's prompt tokens, derived from the request's prompt.
+fn branch_tokens(
+    model: &Model,
+    source: &PromptSource,
+    prompt: &[u32],
+    branch: &BranchPrompt,
+) -> Result<Vec<u32>, String> {
+    let rendered = match (branch, source) {
+        (BranchPrompt::Same, _) => return Ok(prompt.to_vec()),
+        (BranchPrompt::LastToken, _) => return Ok(prompt[prompt.len() - 1..].to_vec()),
+        (BranchPrompt::Replace(text), PromptSource::Chat(messages)) => {
+            return with_last_user(model, messages, |_| text.clone())
+        }
+        (BranchPrompt::Prefix(prefix), PromptSource::Chat(messages)) => {
+            return with_last_user(model, messages, |content| format!("{prefix}{content}"))
+        }
+        (BranchPrompt::Replace(text), PromptSource::Text(_) | PromptSource::Tokens) => {
+            model.completion_prompt(text)
+        }
+        (BranchPrompt::Prefix(prefix), PromptSource::Text(text)) => {
+            model.completion_prompt(&format!("{prefix}{text}"))
+        }
+        (BranchPrompt::Prefix(prefix), PromptSource::Tokens) => {
+            model.tokenizer.encode(prefix, true).map(|mut ids| {
+                ids.extend_from_slice(prompt);
+                ids
+            })
+        }
+    };
+    rendered.map_err(|e| format!("{e:#}"))
+}
+
+/// The chat prompt with the last user message's text rewritten.
+fn with_last_user(
+    model: &Model,
+    messages: &[Value],
+    rewrite: impl FnOnce(&str) -> String,
+) -> Result<Vec<u32>, String> {
+    let mut messages = messages.to_vec();
+    let last_user = messages
+        .iter_mut()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .ok_or("A contrast prompt needs a user message to change")?;
+    let content = rewrite(last_user["content"].as_str().unwrap_or_default());
+    last_user["content"] = Value::String(content);
+    model.chat_prompt(&messages).map_err(|e| format!("{e:#}"))
 }
