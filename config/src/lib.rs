@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub max_stop_strings: usize,
     /// Most entries in a request's `interventions` list.
     pub max_interventions: usize,
+    /// Most token ids in a request's `score_token_ids`.
+    pub max_score_tokens: usize,
     /// A request still running after this many seconds is cancelled (503).
     pub request_timeout_secs: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
@@ -77,6 +79,7 @@ impl Default for ServerConfig {
             max_body_bytes: 2 * 1024 * 1024,
             max_stop_strings: 8,
             max_interventions: 8,
+            max_score_tokens: 256,
             request_timeout_secs: 600,
             shutdown_grace_secs: 30,
             retry_after_secs: 1,

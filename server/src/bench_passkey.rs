@@ -4,16 +4,13 @@
 //! the same prompt, decodes greedily, and is reported with its decode speed and whether the
 //! answer contains the key.
 
+use crate::passkey::{passkey, repeats_for, user_text, ANSWER_PREFIX, FILLER};
 use crate::sampling::argmax;
 use anyhow::Result;
 use attune_interventions::{parse, Installed, ModelKind, ModelShape};
-use attune_models::testing::SeededRng;
 use attune_models::{IncrementalDecoder, Model};
 use serde_json::json;
 use std::time::Instant;
-
-const FILLER: &str =
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 
 /// Configurations compared at every context length (Recycled Attention's request bodies).
 const CONFIGS: &[(&str, Option<&str>)] = &[
@@ -85,27 +82,18 @@ pub fn run(model: &Model, config: &PasskeyConfig, threads: usize) -> Result<()> 
     Ok(())
 }
 
-/// A five-digit key from `seed`.
-fn passkey(seed: u64) -> u32 {
-    10_000 + (SeededRng::new(seed).next_u64() % 90_000) as u32
-}
-
 /// A chat prompt of about `context` tokens with `key` stated halfway, ending where the
 /// assistant's answer begins ("The pass key is").
 fn passkey_prompt(model: &Model, context: usize, key: u32) -> Result<Vec<u32>> {
-    let filler_tokens = model.tokenizer.encode(FILLER, false)?.len().max(1);
+    let filler_tokens = model.tokenizer.encode(FILLER, false)?.len();
     let build = |repeats: usize| -> Result<Vec<u32>> {
-        let half = FILLER.repeat(repeats / 2);
-        let rest = FILLER.repeat(repeats - repeats / 2);
-        let user = format!(
-            "There is an important pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n{half}The pass key is {key}. Remember it. {key} is the pass key. {rest}\n\nWhat is the pass key?"
-        );
+        let user = user_text(repeats, 0.5, key);
         let mut ids = model.chat_prompt(&[json!({"role": "user", "content": user})])?;
-        ids.extend(model.tokenizer.encode("The pass key is", false)?);
+        ids.extend(model.tokenizer.encode(ANSWER_PREFIX, false)?);
         Ok(ids)
     };
     let overhead = build(0)?.len();
-    build(context.saturating_sub(overhead) / filler_tokens)
+    build(repeats_for(context, overhead, filler_tokens))
 }
 
 /// Greedy decoding of `tokens` tokens (end-of-sequence ignored, so every configuration decodes

@@ -1,6 +1,7 @@
 //! `attune bench --serve`: load on a real server over HTTP. Streams chat requests at several
 //! concurrency levels and reports aggregate generated tokens/s and latency percentiles.
 
+use crate::local_server::{self, agent};
 use anyhow::{bail, Context, Result};
 use attune_config::AttuneConfig;
 use serde_json::{json, Value};
@@ -26,9 +27,9 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
     let in_process = url.is_none();
     let base = match url {
         Some(url) => url.trim_end_matches('/').to_string(),
-        None => start_local_server(config)?,
+        None => local_server::start(config)?,
     };
-    wait_ready(&base)?;
+    local_server::wait_ready(&base)?;
     println!(
         "server: {base} | {} generated tokens per request (greedy, chat) | {} requests per stream",
         load.max_tokens, load.requests_per_stream
@@ -97,41 +98,6 @@ fn peak_rss_bytes() -> Option<u64> {
         .parse::<u64>()
         .ok()?;
     Some(kib * 1024)
-}
-
-fn start_local_server(mut config: AttuneConfig) -> Result<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    config.server.host = "127.0.0.1".into();
-    config.server.port = port;
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-        if let Err(e) = runtime.block_on(crate::serve::serve(config)) {
-            eprintln!("attune: bench server failed: {e:#}");
-        }
-    });
-    Ok(format!("http://127.0.0.1:{port}"))
-}
-
-fn wait_ready(base: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while Instant::now() < deadline {
-        if let Ok(r) = agent().get(&format!("{base}/ready")).call() {
-            if r.status() == 200 {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("{base} did not become ready")
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 /// One streamed chat request; distinct prompts so that no two requests are alike.

@@ -245,6 +245,7 @@ fn run_generate(model: &Model, args: GenerateArgs) -> Result<()> {
             logit_bias: Vec::new(),
         },
         logprobs: None,
+        score_tokens: Vec::new(),
     };
     let start = Instant::now();
     let mut stdout = std::io::stdout();

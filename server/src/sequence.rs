@@ -25,6 +25,8 @@ pub struct GenerationParams {
     pub sampling: SamplingParams,
     /// Record log-probabilities with this many alternatives per token (`None` = off).
     pub logprobs: Option<usize>,
+    /// Tokens whose log-probabilities at the first generated position are reported.
+    pub score_tokens: Vec<u32>,
 }
 
 impl Default for GenerationParams {
@@ -34,6 +36,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             logprobs: None,
+            score_tokens: Vec::new(),
         }
     }
 }
@@ -54,6 +57,8 @@ pub struct StepOutput {
     pub text: String,
     pub logprob: Option<TokenLogprob>,
     pub finished: Option<FinishReason>,
+    /// `score_tokens` with their log-probabilities (first step only).
+    pub token_scores: Option<Vec<(u32, f32)>>,
     /// What the interventions chose for this choice (first step only), by method name.
     pub intervention_report: Option<serde_json::Value>,
 }
@@ -135,21 +140,35 @@ impl Sequence {
 
     /// Samples the next token from the last position's logits and applies the stop rules.
     pub fn on_logits(&mut self, logits: &[f32], tokenizer: &TextTokenizer) -> Result<StepOutput> {
-        let logprob_row = self.params.logprobs.map(|n| (log_softmax(logits), n));
+        let scoring = self.generated.is_empty() && !self.params.score_tokens.is_empty();
+        let row = (self.params.logprobs.is_some() || scoring).then(|| log_softmax(logits));
+        let token_scores = scoring.then(|| {
+            let row = row.as_ref().expect("computed when scoring");
+            self.params
+                .score_tokens
+                .iter()
+                .map(|&t| (t, row[t as usize]))
+                .collect()
+        });
         let mut penalized = logits.to_vec();
         self.sampler
             .apply_penalties(&mut penalized, &self.prompt, &self.generated);
         let token = self.sampler.sample(&penalized);
         self.generated.push(token);
-        let logprob = logprob_row.map(|(row, n)| TokenLogprob {
-            token,
-            logprob: row[token as usize],
-            top: top_n(&row, n),
-        });
+        let logprob = self
+            .params
+            .logprobs
+            .zip(row.as_ref())
+            .map(|(n, row)| TokenLogprob {
+                token,
+                logprob: row[token as usize],
+                top: top_n(row, n),
+            });
 
         let mut out = StepOutput {
             token,
             logprob,
+            token_scores,
             ..StepOutput::default()
         };
         if self.stop_ids.contains(&token) {

@@ -4,7 +4,7 @@ use crate::api::error::ApiError;
 use crate::api::state::{unix_now, AppState};
 use crate::api::types::{
     ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
-    TopLogprob, Usage,
+    DetokenizeRequest, TokenizeRequest, TopLogprob, Usage,
 };
 use crate::api::validation::{self, ValidatedRequest};
 use crate::engine::{EngineEvent, GenerationRequest, SubmitError};
@@ -114,6 +114,22 @@ pub async fn completions(State(state): Shared, body: Bytes) -> Result<Response, 
     run(state, validated, Endpoint::Completion).await
 }
 
+/// vLLM's `/tokenize`: token ids of a prompt or of chat messages (through the chat template).
+pub async fn tokenize(State(state): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let req: TokenizeRequest = parse_body(&body)?;
+    let (engine, tokens) = validation::tokenize(&state, req)?;
+    let context = engine.model.decoder.config().max_position_embeddings;
+    Ok(Json(
+        json!({"tokens": tokens, "count": tokens.len(), "max_model_len": context}),
+    ))
+}
+
+/// vLLM's `/detokenize`: the text of token ids.
+pub async fn detokenize(State(state): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let req: DetokenizeRequest = parse_body(&body)?;
+    Ok(Json(json!({"prompt": validation::detokenize(&state, req)?})))
+}
+
 /// Submits a validated request and answers it whole or as a stream.
 async fn run(
     state: Arc<AppState>,
@@ -194,6 +210,7 @@ struct ChoiceState {
     tokens: usize,
     finish: Option<FinishReason>,
     logprobs: Vec<TokenLogprob>,
+    token_scores: Option<Vec<(u32, f32)>>,
     intervention_report: Option<Value>,
 }
 
@@ -201,6 +218,9 @@ impl ChoiceState {
     fn add(&mut self, out: &StepOutput) {
         if out.intervention_report.is_some() {
             self.intervention_report = out.intervention_report.clone();
+        }
+        if out.token_scores.is_some() {
+            self.token_scores = out.token_scores.clone();
         }
         self.text.push_str(&out.text);
         self.tokens += 1;
@@ -259,6 +279,9 @@ async fn collect(
             if let Some(report) = &c.intervention_report {
                 choice["intervention_report"] = report.clone();
             }
+            if let Some(scores) = &c.token_scores {
+                choice["token_scores"] = token_scores(tokenizer, scores);
+            }
             choice
         })
         .collect();
@@ -284,6 +307,16 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
 fn token_string(tokenizer: &TextTokenizer, id: u32) -> (String, Vec<u8>) {
     let bytes = tokenizer.token_bytes(id);
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// `token_scores`: each requested token with its log-probability at the answer position.
+fn token_scores(tokenizer: &TextTokenizer, scores: &[(u32, f32)]) -> Value {
+    scores
+        .iter()
+        .map(|&(id, logprob)| {
+            json!({"token_id": id, "token": token_string(tokenizer, id).0, "logprob": logprob})
+        })
+        .collect()
 }
 
 fn chat_logprobs(tokenizer: &TextTokenizer, steps: &[TokenLogprob]) -> ChatLogprobs {
@@ -406,6 +439,7 @@ fn stream(
                 && output.finished.is_none()
                 && logprobs.is_none()
                 && output.intervention_report.is_none()
+                && output.token_scores.is_none()
             {
                 continue;
             }
@@ -424,6 +458,9 @@ fn stream(
             };
             if let Some(report) = output.intervention_report {
                 body["intervention_report"] = report;
+            }
+            if let Some(scores) = &output.token_scores {
+                body["token_scores"] = token_scores(tokenizer, scores);
             }
             if !send(chunk(json!([body]), None)).await {
                 return; // client gone: dropping rx cancels the sequences
@@ -468,6 +505,8 @@ fn endpoint_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
+        "/tokenize" => "tokenize",
+        "/detokenize" => "detokenize",
         "/v1/models" => "models",
         "/v1/interventions" => "interventions",
         "/health" => "health",

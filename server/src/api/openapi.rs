@@ -32,6 +32,19 @@ pub fn document() -> Value {
             "responses": responses,
         }})
     };
+    let utility = |summary: &str, request: &str, response: Value| {
+        json!({"post": {
+            "summary": summary,
+            "security": [{"bearer": []}, {}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{request}")}}}},
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": response}}},
+                "400": error("Invalid request; `param` names the field"),
+                "401": error("Missing or invalid API key"),
+                "404": error("Unknown model"),
+            },
+        }})
+    };
     let simple = |summary: &str, content_type: &str, schema: Value, open: bool| {
         let mut op = json!({"get": {
             "summary": summary,
@@ -68,6 +81,10 @@ pub fn document() -> Value {
             "/v1/interventions": simple("Intervention catalogue", "application/json", json!({"type": "object"}), false),
             "/v1/chat/completions": generation("Chat completion", "ChatCompletionRequest", "ChatCompletion"),
             "/v1/completions": generation("Text completion", "CompletionRequest", "Completion"),
+            "/tokenize": utility("Token ids of a prompt, or of chat messages through the chat template (vLLM's shape)", "TokenizeRequest", json!({"type": "object", "properties": {
+                "tokens": {"type": "array", "items": {"type": "integer"}}, "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+            }})),
+            "/detokenize": utility("Text of token ids (vLLM's shape)", "DetokenizeRequest", json!({"type": "object", "properties": {"prompt": {"type": "string"}}})),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -92,6 +109,8 @@ fn schemas() -> Value {
         "stream": {"type": "boolean", "default": false},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "interventions": {"type": "array", "items": {"$ref": "#/components/schemas/Intervention"}},
+        "score_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "uniqueItems": true,
+            "description": "Token ids whose log-probabilities at the first generated position (after interventions, before sampling penalties) come back in each choice's `token_scores`"},
         "model": {"type": "string"},
     });
     let with = |extra: Value, required: &[&str]| {
@@ -103,6 +122,17 @@ fn schemas() -> Value {
         "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
     }});
     let finish = json!({"enum": ["stop", "length", null]});
+    let messages = json!({"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "image_url"]}, "text": {"type": "string"}}}},
+            {"type": "null"},
+        ]},
+    }}});
+    let scores = json!({"type": "array", "description": "With `score_token_ids`", "items": {"type": "object", "properties": {
+        "token_id": {"type": "integer"}, "token": {"type": "string"}, "logprob": {"type": "number"},
+    }}});
     let report = json!({"type": "object", "description": "Present when an intervention chose \
         something per prompt, by method name (e.g. zerotuning auto: gamma, grid, entropy)"});
     json!({
@@ -123,19 +153,22 @@ fn schemas() -> Value {
         }},
         "Intervention": intervention_schema(),
         "ChatCompletionRequest": with(json!({
-            "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
-                "role": {"enum": ["system", "developer", "user", "assistant"]},
-                "content": {"oneOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "image_url"]}, "text": {"type": "string"}}}},
-                    {"type": "null"},
-                ]},
-            }}},
+            "messages": messages,
             "max_tokens": {"type": "integer", "minimum": 1},
             "max_completion_tokens": {"type": "integer", "minimum": 1},
             "logprobs": {"type": "boolean", "default": false},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         }), &["messages"]),
+        "TokenizeRequest": {"type": "object", "properties": {
+            "model": {"type": "string"},
+            "prompt": {"type": "string"},
+            "messages": messages,
+            "add_special_tokens": {"type": "boolean", "default": true, "description": "For `prompt`: add the BOS token if the model uses one"},
+        }, "description": "Exactly one of `prompt` or `messages`"},
+        "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
+            "model": {"type": "string"},
+            "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        }},
         "CompletionRequest": with(json!({
             "prompt": {"oneOf": [
                 {"type": "string"},
@@ -154,6 +187,7 @@ fn schemas() -> Value {
                 "logprobs": {"type": ["object", "null"]},
                 "finish_reason": finish,
                 "intervention_report": report,
+                "token_scores": scores,
             }}},
             "usage": usage,
             "interventions": {"type": "array", "items": {"type": "object"}, "description": "The interventions with every default filled in"},
@@ -163,6 +197,7 @@ fn schemas() -> Value {
             "choices": {"type": "array", "items": {"type": "object", "properties": {
                 "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": ["object", "null"]}, "finish_reason": finish,
                 "intervention_report": report,
+                "token_scores": scores,
             }}},
             "usage": usage,
             "interventions": {"type": "array", "items": {"type": "object"}},

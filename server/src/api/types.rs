@@ -1,5 +1,6 @@
 //! Request and response bodies of the OpenAI-compatible API, plus Attune's extensions
-//! (`top_k`, `min_p`, `repetition_penalty`, `interventions`).
+//! (`top_k`, `min_p`, `repetition_penalty`, `interventions`, `score_token_ids`) and vLLM's
+//! `/tokenize` and `/detokenize`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -51,6 +52,10 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<u64>,
     #[serde(default)]
     pub interventions: Vec<Value>,
+    /// Token ids whose log-probabilities at the first generated position come back in each
+    /// choice's `token_scores` (label scoring for classification).
+    #[serde(default)]
+    pub score_token_ids: Vec<u32>,
     /// Accepted and refused with a clear error: this server does not call tools.
     pub tools: Option<Value>,
     pub response_format: Option<Value>,
@@ -94,6 +99,31 @@ pub struct CompletionRequest {
     pub best_of: Option<u64>,
     #[serde(default)]
     pub interventions: Vec<Value>,
+    /// As in [`ChatCompletionRequest::score_token_ids`].
+    #[serde(default)]
+    pub score_token_ids: Vec<u32>,
+}
+
+/// `POST /tokenize` (vLLM's shape): a completion `prompt` or chat `messages`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    /// For `prompt`: add the model's BOS token if it uses one (default true).
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /detokenize` (vLLM's shape).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
 }
 
 /// `prompt`: text, token ids, or a list of either.

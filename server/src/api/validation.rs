@@ -4,8 +4,8 @@
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
 use crate::api::types::{
-    ChatCompletionRequest, CompletionRequest, ContentPart, MessageContent, PromptSpec,
-    SamplingFields, StopSpec,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart, DetokenizeRequest,
+    MessageContent, PromptSpec, SamplingFields, StopSpec, TokenizeRequest,
 };
 use crate::engine::{BranchSpec, ChoiceSpec, Engine};
 use crate::sampling::SamplingParams;
@@ -52,7 +52,7 @@ pub fn chat(state: &AppState, req: ChatCompletionRequest) -> Result<ValidatedReq
             ));
         }
     }
-    let messages = chat_messages(&req)?;
+    let messages = chat_messages(&req.messages, req.model.as_deref())?;
     let prompt = model
         .chat_prompt(&messages)
         .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?;
@@ -81,6 +81,7 @@ pub fn chat(state: &AppState, req: ChatCompletionRequest) -> Result<ValidatedReq
         max_tokens,
         default_max_tokens: None,
         logprobs,
+        score_token_ids: &req.score_token_ids,
         prompt_param: "messages",
     };
     finish(
@@ -122,6 +123,7 @@ pub fn completion(state: &AppState, req: CompletionRequest) -> Result<ValidatedR
         max_tokens: req.max_tokens.map(|m| (m, "max_tokens")),
         default_max_tokens: Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         logprobs,
+        score_token_ids: &req.score_token_ids,
         prompt_param: "prompt",
     };
     finish(
@@ -143,6 +145,7 @@ struct Common<'a> {
     /// `None`: as many as fit in the context (up to the cap).
     default_max_tokens: Option<usize>,
     logprobs: Option<usize>,
+    score_token_ids: &'a [u32],
     prompt_param: &'static str,
 }
 
@@ -170,6 +173,7 @@ fn finish(
     let limits = &c.state.limits;
     let (sampling, stop, n) = sampling(c.state, c.model, c.sampling)?;
     let context = c.model.decoder.config().max_position_embeddings;
+    let score_tokens = score_tokens(c.state, c.model, c.score_token_ids)?;
     let parsed = parse_interventions(c.state, c.model, interventions)?;
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
@@ -222,6 +226,7 @@ fn finish(
                     stop: stop.clone(),
                     sampling,
                     logprobs: c.logprobs,
+                    score_tokens: score_tokens.clone(),
                 },
                 branches: branches.clone(),
             });
@@ -257,6 +262,79 @@ fn finish(
         logprobs: c.logprobs,
         prompt_tokens,
     })
+}
+
+/// `score_token_ids`: distinct ids in the vocabulary, at most the configured number.
+fn score_tokens(state: &AppState, model: &Model, ids: &[u32]) -> Result<Vec<u32>, ApiError> {
+    let limit = state.limits.max_score_tokens;
+    if ids.len() > limit {
+        return Err(ApiError::invalid(
+            "score_token_ids",
+            format!("At most {limit} token ids (got {})", ids.len()),
+        ));
+    }
+    let vocab = model.decoder.config().vocab_size;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "score_token_ids",
+            format!("Token id {bad} is not below the vocabulary size {vocab}"),
+        ));
+    }
+    let mut distinct = ids.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() != ids.len() {
+        return Err(ApiError::invalid(
+            "score_token_ids",
+            "Token ids must not repeat",
+        ));
+    }
+    Ok(ids.to_vec())
+}
+
+/// `POST /tokenize`: the prompt's token ids (chat messages through the chat template).
+pub fn tokenize(
+    state: &AppState,
+    req: TokenizeRequest,
+) -> Result<(Arc<Engine>, Vec<u32>), ApiError> {
+    let engine = state.engine(req.model.as_deref())?;
+    let model = &engine.model;
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(prompt), None) => model
+            .tokenizer
+            .encode(prompt, req.add_special_tokens)
+            .map_err(|e| ApiError::invalid("prompt", format!("{e:#}")))?,
+        (None, Some(messages)) => {
+            let messages = chat_messages(messages, req.model.as_deref())?;
+            model
+                .chat_prompt(&messages)
+                .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "Give exactly one of `prompt` or `messages`",
+            ))
+        }
+    };
+    Ok((engine, tokens))
+}
+
+/// `POST /detokenize`: the text of token ids.
+pub fn detokenize(state: &AppState, req: DetokenizeRequest) -> Result<String, ApiError> {
+    let engine = state.engine(req.model.as_deref())?;
+    let model = &engine.model;
+    let vocab = model.decoder.config().vocab_size;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("Token id {bad} is not below the vocabulary size {vocab}"),
+        ));
+    }
+    model
+        .tokenizer
+        .decode(&req.tokens, false)
+        .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))
 }
 
 fn parse_interventions(
@@ -410,14 +488,14 @@ fn bounded(field: &str, v: u64, lo: u64, hi: u64) -> Result<u64, ApiError> {
 
 /// Messages as the chat template sees them: roles checked, text parts joined, images refused
 /// (no vision model is served yet).
-fn chat_messages(req: &ChatCompletionRequest) -> Result<Vec<Value>, ApiError> {
-    if req.messages.is_empty() {
+fn chat_messages(messages: &[ChatMessage], model: Option<&str>) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "At least one message is required",
         ));
     }
-    req.messages
+    messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
@@ -453,7 +531,7 @@ fn chat_messages(req: &ChatCompletionRequest) -> Result<Vec<Value>, ApiError> {
                                     format!("messages[{i}].content[{j}]"),
                                     format!(
                                         "The model `{}` is text-only and cannot take image inputs",
-                                        req.model.as_deref().unwrap_or("default")
+                                        model.unwrap_or("default")
                                     ),
                                 ))
                             }

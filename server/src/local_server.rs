@@ -1,0 +1,45 @@
+//! A server for the client-side commands (`attune bench --serve`, `attune eval`): one started
+//! in this process on a free loopback port, or one already running at a URL.
+
+use anyhow::{bail, Result};
+use attune_config::AttuneConfig;
+use std::time::{Duration, Instant};
+
+/// Starts `attune serve` with `config` on a free loopback port in a background thread and
+/// returns its base URL (not ready yet: see [`wait_ready`]).
+pub fn start(mut config: AttuneConfig) -> Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    config.server.host = "127.0.0.1".into();
+    config.server.port = port;
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        if let Err(e) = runtime.block_on(crate::serve::serve(config)) {
+            eprintln!("attune: in-process server failed: {e:#}");
+        }
+    });
+    Ok(format!("http://127.0.0.1:{port}"))
+}
+
+/// Waits until `base`/ready answers 200 (every model loaded), for up to five minutes.
+pub fn wait_ready(base: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(r) = agent().get(&format!("{base}/ready")).call() {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("{base} did not become ready")
+}
+
+/// An HTTP client that hands error statuses back as responses (their bodies explain them).
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
