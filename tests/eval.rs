@@ -187,3 +187,39 @@ fn sentiment_fetches_the_pinned_corpus_and_samples_balanced_items() {
         .count();
     assert_eq!(positives, 3);
 }
+
+#[test]
+fn passkey_reports_accuracy_by_context_length_and_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("passkey.json");
+    let out = attune_ok(&[
+        "eval",
+        "passkey",
+        "--model",
+        default_model().to_str().unwrap(),
+        "--contexts",
+        "200,400",
+        "--depths",
+        "0.25,0.75",
+        "--n",
+        "1",
+        "--interventions",
+        r#"ra={"type": "recycled_attention", "k": 64, "stride": 4}"#,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let table = stdout(&out);
+    assert!(
+        table.contains("| configuration | 200 tokens, depth 0.25 | 200 tokens, depth 0.75 | 400 tokens, depth 0.25 | 400 tokens, depth 0.75 |"),
+        "{table}"
+    );
+    assert!(table.contains("| ra | "), "{table}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    let outcomes = report["configurations"][0]["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 4);
+    for o in outcomes {
+        // Right exactly when the answer holds the key named in the item's id.
+        let key = o["id"].as_str().unwrap().rsplit("key").next().unwrap();
+        assert_eq!(o["correct"], o["answer"].as_str().unwrap().contains(key));
+    }
+}

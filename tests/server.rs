@@ -717,3 +717,49 @@ fn send_body(server: &Server, path: &str, length: usize) -> (u16, String) {
         .to_string();
     (status, body)
 }
+
+#[test]
+fn prompts_prefilled_in_pieces_give_the_answers_of_one_piece() {
+    // On the f32 copy of the default model: with 8-bit activations (the GGUF), the attention
+    // products' other shapes in pieces change last bits that the activation rounding amplifies.
+    let f32_model = attune_models::testing::converted_default_model();
+    let models = format!("[[models]]\nid = \"m\"\nsource = {f32_model:?}\n");
+    let whole = Server::start(&models, &[]);
+    let pieces = Server::start(
+        &format!("[server]\nprefill_chunk_tokens = 7\n{models}"),
+        &[],
+    );
+    let mut req = chat(
+        "Name three colors of the rainbow and say why the sky is blue.",
+        12,
+    );
+    req["logprobs"] = json!(true);
+    for interventions in [
+        json!([]),
+        // The contrast branch's prompt is longer than the request's: both end their prefill in
+        // the same step.
+        json!([{"type": "contrastive_decoding", "mode": "prompt", "contrast_prefix": "Answer wrongly on purpose, in a long and winding way. "}]),
+        json!([{"type": "zerotuning", "gamma": 2.0}, {"type": "contrastive_decoding", "mode": "dola"}]),
+    ] {
+        req["interventions"] = interventions.clone();
+        let (status, a) = whole.post("/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{a}");
+        let (status, b) = pieces.post("/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{b}");
+        assert_eq!(content(&a), content(&b), "{interventions}");
+        let logprobs = |v: &Value| -> Vec<f64> {
+            v["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY))
+                .collect()
+        };
+        for (x, y) in logprobs(&a).iter().zip(logprobs(&b)) {
+            assert!(
+                (x - y).abs() < 1e-4 || x == &y,
+                "{interventions}: {x} vs {y}"
+            );
+        }
+    }
+}

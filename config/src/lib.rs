@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     /// Sequences decoded together in one step, per model.
     pub max_batch_size: usize,
+    /// Most prompt tokens one sequence feeds per step; longer prompts are prefilled in pieces.
+    pub prefill_chunk_tokens: usize,
     /// Requests waiting for a batch slot, per model; beyond it requests get 429.
     pub max_queue: usize,
     /// Most tokens one choice may generate.
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             port: 8080,
             api_keys: Vec::new(),
             max_batch_size: 16,
+            prefill_chunk_tokens: 512,
             max_queue: 64,
             max_tokens_cap: 4096,
             max_n: 8,
@@ -151,6 +154,7 @@ impl AttuneConfig {
         let s = &self.server;
         for (name, value) in [
             ("server.max_batch_size", s.max_batch_size),
+            ("server.prefill_chunk_tokens", s.prefill_chunk_tokens),
             ("server.max_tokens_cap", s.max_tokens_cap),
             ("server.max_n", s.max_n),
             ("server.max_body_bytes", s.max_body_bytes),

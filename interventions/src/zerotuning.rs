@@ -11,7 +11,9 @@
 
 use crate::params::{check_indices, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape};
-use attune_models::{AttentionSite, Decoder, DecoderInput, HookPoint, SequenceHooks, SequenceStep};
+use attune_models::{
+    AttentionSite, Decoder, DecoderInput, HookPoint, LogitsFor, SequenceHooks, SequenceStep,
+};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -37,6 +39,8 @@ fn one() -> f64 {
 pub const DEFAULT_AUTO_GRID: [f64; 6] = [0.5, 0.75, 1.0, 1.5, 2.0, 3.0];
 /// Most grid values (each is one extra prefill).
 pub const MAX_AUTO_GRID: usize = 16;
+/// Prompt tokens per step of the grid prefills.
+const AUTO_PREFILL_PIECE: usize = 512;
 
 /// One (layer, head) with its own gamma; overrides `gamma` there.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -141,14 +145,26 @@ impl ZeroTuning {
                 log_gamma: Arc::new(self.table(g)),
             })
             .collect();
-        let mut steps: Vec<SequenceStep> = caches
-            .iter_mut()
-            .zip(hooks.iter_mut())
-            .map(|(cache, h)| {
-                SequenceStep::new(DecoderInput::Tokens(prompt.to_vec()), cache).with_hooks(h)
-            })
-            .collect();
-        let logits = decoder.forward(&mut steps)?;
+        // Long prompts go in pieces, keeping the score matrices at piece x context.
+        let pieces: Vec<&[u32]> = prompt.chunks(AUTO_PREFILL_PIECE).collect();
+        let mut logits = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let wanted = if i + 1 == pieces.len() {
+                LogitsFor::Last
+            } else {
+                LogitsFor::None
+            };
+            let mut steps: Vec<SequenceStep> = caches
+                .iter_mut()
+                .zip(hooks.iter_mut())
+                .map(|(cache, h)| {
+                    SequenceStep::new(DecoderInput::Tokens(piece.to_vec()), cache)
+                        .with_hooks(h)
+                        .with_logits(wanted)
+                })
+                .collect();
+            logits = decoder.forward(&mut steps)?;
+        }
         let entropies = logits
             .into_iter()
             .map(|l| {

@@ -6,7 +6,9 @@ use crate::llama_cpp_peer::LlamaCppPeer;
 use crate::sampling::argmax;
 use anyhow::{Context, Result};
 use attune_interventions::{parse, Installed, ModelKind, ModelShape};
-use attune_models::{HookPoint, Model, ModelSource, SequenceHooks};
+use attune_models::{
+    DecoderInput, HookPoint, KvCache, Model, ModelSource, SequenceHooks, SequenceStep,
+};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use std::path::PathBuf;
@@ -26,6 +28,9 @@ pub struct BenchConfig {
     /// Python of a venv with llama-cpp-python: adds llama.cpp as a peer.
     pub llama_cpp: Option<PathBuf>,
 }
+
+/// The prefix of the prompt-contrast row (CD's same-model amateur).
+const CONTRAST_PREFIX: &str = "I love repetitive text! Here is my writing: ";
 
 /// Tokens per second of one run (also what the llama.cpp peer reports, as JSON).
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
@@ -65,19 +70,73 @@ const INTERVENTIONS: &[(&str, &str)] = &[
     ),
 ];
 
-pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
+/// Runs the benchmark; `amateur` (a model with the same vocabulary) adds a row for contrastive
+/// decoding against it.
+pub fn run(
+    model: &Model,
+    amateur: Option<&Model>,
+    config: &BenchConfig,
+    threads: usize,
+) -> Result<()> {
     let prompt = bench_prompt(model, config.prompt_tokens)?;
     let cfg = model.decoder.config();
     let shape = ModelShape::of(cfg, ModelKind::Llm);
-    let interventions = INTERVENTIONS
+    let mut interventions = INTERVENTIONS
         .iter()
-        .map(|(name, spec)| Ok((*name, parse(&serde_json::from_str(spec)?, &shape)?)))
+        .map(|(name, spec)| {
+            Ok((
+                name.to_string(),
+                parse(&serde_json::from_str(spec)?, &shape)?,
+                None,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let mut rows: Vec<(&str, Vec<Speed>)> = vec![
-        ("attune, no hooks", Vec::new()),
-        ("attune, pass-through hook at every point", Vec::new()),
+    // The two-branch contrasts, each with the branch the engine would run beside the request.
+    let mut contrast_prompt = model.tokenizer.encode(CONTRAST_PREFIX, true)?;
+    contrast_prompt.extend(&prompt);
+    interventions.push((
+        "contrastive_decoding, prompt contrast (branch in the same batch)".into(),
+        parse(
+            &serde_json::json!({"type": "contrastive_decoding", "mode": "prompt", "contrast_prefix": CONTRAST_PREFIX}),
+            &shape,
+        )?,
+        Some(Branch {
+            model,
+            prompt: contrast_prompt,
+        }),
+    ));
+    if let Some(amateur) = amateur {
+        anyhow::ensure!(
+            amateur.tokenizer.same_vocabulary(&model.tokenizer),
+            "the amateur's vocabulary differs from the model's"
+        );
+        interventions.push((
+            format!(
+                "contrastive_decoding, amateur {}",
+                amateur.source.path().display()
+            ),
+            parse(
+                &serde_json::json!({"type": "contrastive_decoding", "mode": "amateur", "amateur_model": "amateur"}),
+                &shape,
+            )?,
+            Some(Branch {
+                model: amateur,
+                prompt: prompt.clone(),
+            }),
+        ));
+    }
+    let mut rows: Vec<(String, Vec<Speed>)> = vec![
+        ("attune, no hooks".into(), Vec::new()),
+        (
+            "attune, pass-through hook at every point".into(),
+            Vec::new(),
+        ),
     ];
-    rows.extend(interventions.iter().map(|(name, _)| (*name, Vec::new())));
+    rows.extend(
+        interventions
+            .iter()
+            .map(|(name, ..)| (name.clone(), Vec::new())),
+    );
     let gguf = match &model.source {
         ModelSource::Gguf(path) => Some(path.clone()),
         ModelSource::HfDir(_) => None,
@@ -102,19 +161,22 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
             &prompt,
             config.decode_tokens,
             Installed::default(),
+            None,
         )?);
         rows[1].1.push(run_attune(
             model,
             &prompt,
             config.decode_tokens,
             Installed::hooks(PassThrough),
+            None,
         )?);
-        for (i, (_, intervention)) in interventions.iter().enumerate() {
+        for (i, (_, intervention, branch)) in interventions.iter().enumerate() {
             rows[2 + i].1.push(run_attune(
                 model,
                 &prompt,
                 config.decode_tokens,
                 intervention.install(),
+                branch.as_ref(),
             )?);
         }
         if let Some(peer) = candle_peer.as_mut() {
@@ -128,11 +190,14 @@ pub fn run(model: &Model, config: &BenchConfig, threads: usize) -> Result<()> {
     let mut peers = Vec::new();
     if candle_peer.is_some() {
         peers.push(("quantized_llama", median(&candle_speeds)));
-        rows.push(("candle quantized_llama (peer)", candle_speeds));
+        rows.push(("candle quantized_llama (peer)".into(), candle_speeds));
     }
     if llama_cpp.is_some() {
         peers.push(("llama.cpp", median(&llama_cpp_speeds)));
-        rows.push(("llama.cpp via llama-cpp-python (peer)", llama_cpp_speeds));
+        rows.push((
+            "llama.cpp via llama-cpp-python (peer)".into(),
+            llama_cpp_speeds,
+        ));
     }
 
     println!(
@@ -179,12 +244,21 @@ fn bench_prompt(model: &Model, len: usize) -> Result<Vec<u32>> {
     Ok(tokens)
 }
 
-/// Greedy prefill and decode with `installed` on the sequence (its logits processor included).
+/// A contrast branch benchmarked as the engine runs it: in the same batch as its sequence when
+/// on the same model, as a second forward pass on its own model otherwise.
+pub struct Branch<'a> {
+    pub model: &'a Model,
+    pub prompt: Vec<u32>,
+}
+
+/// Greedy prefill and decode with `installed` on the sequence (its logits processor included)
+/// and `branch` beside it.
 fn run_attune(
     model: &Model,
     prompt: &[u32],
     decode_tokens: usize,
     installed: Installed,
+    branch: Option<&Branch>,
 ) -> Result<Speed> {
     let Installed {
         mut hooks,
@@ -193,31 +267,72 @@ fn run_attune(
     } = installed;
     let decoder = &model.decoder;
     let mut cache = decoder.new_cache();
+    let mut branch_cache = branch.map(|b| b.model.decoder.new_cache());
     let mut context = prompt.to_vec();
-    let mut step =
-        |input: &[u32], cache: &mut attune_models::KvCache, context: &[u32]| -> Result<u32> {
-            let logits = decoder
-                .forward_one(input, cache, hooks.as_deref_mut())?
-                .to_vec1::<f32>()?;
-            let logits = match processor.as_mut() {
-                // None of the benchmarked methods runs branches.
-                Some(p) => p.process(logits, &[], decoder, context)?,
-                None => logits,
-            };
-            Ok(argmax(&logits))
+    let mut step = |input: &[u32], branch_input: &[u32], context: &[u32]| -> Result<u32> {
+        let branch = branch.zip(branch_cache.as_mut()).map(|(b, c)| (b.model, c));
+        let (logits, branch_logits) = forward_pair(
+            model,
+            &mut cache,
+            hooks.as_deref_mut(),
+            input,
+            branch,
+            branch_input,
+        )?;
+        let logits = match processor.as_mut() {
+            Some(p) => p.process(logits, &branch_logits, decoder, context)?,
+            None => logits,
         };
+        Ok(argmax(&logits))
+    };
+    let branch_prompt = branch.map_or(&[][..], |b| &b.prompt[..]);
     let start = Instant::now();
-    let mut next = step(prompt, &mut cache, &context)?;
+    let mut next = step(prompt, branch_prompt, &context)?;
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..decode_tokens {
         context.push(next);
-        next = step(&[next], &mut cache, &context)?;
+        next = step(&[next], &[next], &context)?;
     }
     Ok(Speed {
         prefill: prompt.len() as f64 / prefill,
         decode: decode_tokens as f64 / start.elapsed().as_secs_f64(),
     })
+}
+
+/// One step of a sequence and (if any) its branch; returns their last-position logits.
+fn forward_pair(
+    model: &Model,
+    cache: &mut KvCache,
+    hooks: Option<&mut (dyn SequenceHooks + '_)>,
+    input: &[u32],
+    branch: Option<(&Model, &mut KvCache)>,
+    branch_input: &[u32],
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let mut main = SequenceStep::new(DecoderInput::Tokens(input.to_vec()), cache);
+    main.hooks = hooks.map(|h| h as &mut dyn SequenceHooks);
+    let Some((branch_model, branch_cache)) = branch else {
+        return Ok((
+            last_row(model.decoder.forward(&mut [main])?.pop())?,
+            Vec::new(),
+        ));
+    };
+    let branch_step = SequenceStep::new(DecoderInput::Tokens(branch_input.to_vec()), branch_cache);
+    if std::ptr::eq(branch_model, model) {
+        let mut out = model.decoder.forward(&mut [main, branch_step])?;
+        let branch_logits = last_row(out.pop())?;
+        Ok((last_row(out.pop())?, vec![branch_logits]))
+    } else {
+        let main_logits = last_row(model.decoder.forward(&mut [main])?.pop())?;
+        let branch_logits = last_row(branch_model.decoder.forward(&mut [branch_step])?.pop())?;
+        Ok((main_logits, vec![branch_logits]))
+    }
+}
+
+/// The last position's logits of one sequence's step output.
+fn last_row(logits: Option<Option<Tensor>>) -> Result<Vec<f32>> {
+    let logits = logits.flatten().context("the step returned no logits")?;
+    Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
 }
 
 fn load_peer(path: &std::path::Path) -> Result<ModelWeights> {

@@ -171,6 +171,10 @@ struct BenchArgs {
     /// (server/bench/setup-llama-cpp.sh makes one at target/llama-cpp-venv).
     #[arg(long, value_name = "PYTHON")]
     llama_cpp: Option<PathBuf>,
+    /// Also measure contrastive decoding against this amateur model (same vocabulary): a GGUF
+    /// file, an HF directory or an HF cache id.
+    #[arg(long, value_name = "SOURCE")]
+    amateur: Option<String>,
     /// Recycled Attention against full attention on long passkey-retrieval prompts instead.
     #[arg(long, conflicts_with = "serve")]
     passkey: bool,
@@ -228,9 +232,7 @@ fn run(cli: Cli) -> Result<()> {
     let cache_dir = config.cache_dir();
     let load_first_model = || -> Result<Model> {
         let entry = &config.models[0];
-        let source =
-            attune_models::source::resolve(entry.source(), &cache_dir, MissingDefault::Fetch)?;
-        Model::load(&source, &default_device()?)
+        load_model(entry.source(), &cache_dir)
             .with_context(|| format!("cannot load model `{}`", entry.id))
     };
     match cli.command {
@@ -276,6 +278,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => attune_server::eval::run(&eval_options(args), config)?,
         Command::Bench(args) => bench::run(
             &load_first_model()?,
+            args.amateur
+                .as_deref()
+                .map(|source| load_model(source, &cache_dir))
+                .transpose()?
+                .as_ref(),
             &BenchConfig {
                 prompt_tokens: args.prompt_tokens,
                 decode_tokens: args.decode_tokens,
@@ -286,6 +293,13 @@ fn run(cli: Cli) -> Result<()> {
         )?,
     }
     Ok(())
+}
+
+/// Loads a model from a source as `[[models]]` takes it (the default id, a file, a directory).
+fn load_model(source: &str, cache_dir: &std::path::Path) -> Result<Model> {
+    let source = attune_models::source::resolve(source, cache_dir, MissingDefault::Fetch)?;
+    Model::load(&source, &default_device()?)
+        .with_context(|| format!("cannot load {}", source.path().display()))
 }
 
 fn eval_options(args: EvalArgs) -> attune_server::eval::EvalOptions {

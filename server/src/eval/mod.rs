@@ -19,7 +19,6 @@ use progress::ProgressBar;
 use serde::Serialize;
 use serde_json::{json, Value};
 use stats::{paired, wilson, Interval, Paired};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -79,13 +78,14 @@ struct Summary {
     /// Against the first configuration (no intervention); absent for that one.
     vs_baseline: Option<Paired>,
     items_per_second: f64,
-    /// Per group (passkey: context length and depth): correct, n, accuracy, interval.
-    groups: BTreeMap<String, GroupSummary>,
+    /// Per group (passkey: context length and depth), in the items' order.
+    groups: Vec<GroupSummary>,
     outcomes: Vec<Outcome>,
 }
 
 #[derive(Debug, Serialize)]
 struct GroupSummary {
+    group: String,
     correct: usize,
     n: usize,
     accuracy: f64,
@@ -344,12 +344,18 @@ fn summarize(
 ) -> Summary {
     let correct = outcomes.iter().filter(|o| o.correct).count();
     let n = outcomes.len();
-    let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut groups: Vec<(String, usize, usize)> = Vec::new();
     for (item, outcome) in items.iter().zip(&outcomes) {
         if let Some(group) = &item.group {
-            let entry = groups.entry(group.clone()).or_default();
-            entry.0 += usize::from(outcome.correct);
-            entry.1 += 1;
+            let at = match groups.iter().position(|g| &g.0 == group) {
+                Some(at) => at,
+                None => {
+                    groups.push((group.clone(), 0, 0));
+                    groups.len() - 1
+                }
+            };
+            groups[at].1 += usize::from(outcome.correct);
+            groups[at].2 += 1;
         }
     }
     let flags = |o: &[Outcome]| o.iter().map(|o| o.correct).collect::<Vec<_>>();
@@ -363,14 +369,12 @@ fn summarize(
         items_per_second: n as f64 / seconds,
         groups: groups
             .into_iter()
-            .map(|(g, (correct, n))| {
-                let summary = GroupSummary {
-                    correct,
-                    n,
-                    accuracy: correct as f64 / n as f64,
-                    ci: wilson(correct, n),
-                };
-                (g, summary)
+            .map(|(group, correct, n)| GroupSummary {
+                group,
+                correct,
+                n,
+                accuracy: correct as f64 / n as f64,
+                ci: wilson(correct, n),
             })
             .collect(),
         outcomes,
@@ -413,24 +417,21 @@ fn print_report(task: &str, model: &str, options: &EvalOptions, summaries: &[Sum
             s.items_per_second
         );
     }
-    let groups: Vec<&String> = summaries[0].groups.keys().collect();
+    let groups: Vec<&str> = summaries[0]
+        .groups
+        .iter()
+        .map(|g| g.group.as_str())
+        .collect();
     if groups.is_empty() {
         return;
     }
     println!();
-    println!(
-        "| configuration | {} |",
-        groups
-            .iter()
-            .map(|g| g.as_str())
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
+    println!("| configuration | {} |", groups.join(" | "));
     println!("|---|{}", "---:|".repeat(groups.len()));
     for s in summaries {
         let cells: Vec<String> = s
             .groups
-            .values()
+            .iter()
             .map(|g| format!("{} {}", pct(g.accuracy), interval(&g.ci)))
             .collect();
         println!("| {} | {} |", s.configuration.name, cells.join(" | "));

@@ -5,18 +5,19 @@
 //! settings and intervention hooks, so requests with different interventions share one decoder
 //! step. Compute runs on this dedicated thread, never on the async runtime.
 
+mod step;
+mod timed_hooks;
+
 use crate::metrics::Metrics;
 use crate::sequence::{GenerationParams, Sequence, StepOutput};
 use attune_interventions::{Intervention, LogitsProcessor};
-use attune_models::{
-    AttentionSite, DecoderInput, HookPoint, HookStack, KvCache, Model, RowSite, SequenceHooks,
-    SequenceStep,
-};
-use candle_core::{Result as CandleResult, Tensor};
+use attune_models::{HookStack, KvCache, Model, SequenceHooks};
+use candle_core::Result as CandleResult;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
+use step::{apply_processors, forward};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// One choice of a request: its prompt and settings (`n` > 1 or a list of prompts gives several).
@@ -52,6 +53,9 @@ pub enum EngineEvent {
 pub struct EngineConfig {
     pub max_batch_size: usize,
     pub max_queue: usize,
+    /// Most prompt tokens a sequence feeds per step; longer prompts are prefilled over several
+    /// steps (bounding the attention's chunk x context score matrices).
+    pub prefill_chunk_tokens: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -134,7 +138,6 @@ struct Branch {
     prompt: Vec<u32>,
     model: Option<Arc<Model>>,
     cache: KvCache,
-    started: bool,
 }
 
 /// A sequence in the running batch.
@@ -143,6 +146,10 @@ struct Running {
     seq: Sequence,
     hooks: Option<HookStack>,
     branches: Vec<Branch>,
+    /// Steps the prompts (the sequence's and its branches') are prefilled over, and how many
+    /// of them are done.
+    prefill_pieces: usize,
+    prefilled_pieces: usize,
     /// Logits rewriters (contrastive decoding) with the range of `branches` each one reads,
     /// applied in request order before sampling.
     processors: Vec<(Box<dyn LogitsProcessor>, std::ops::Range<usize>)>,
@@ -244,7 +251,7 @@ impl Scheduler {
             if let Some(inner) = installed.hooks {
                 let spent = Arc::new(AtomicU64::new(0));
                 hook_time.push((intervention.name(), spent.clone()));
-                hooks.push(Box::new(TimedHooks {
+                hooks.push(Box::new(timed_hooks::TimedHooks {
                     inner,
                     spent_nanos: spent,
                 }) as Box<dyn SequenceHooks>);
@@ -258,6 +265,14 @@ impl Scheduler {
             }
             first_branch += branch_count;
         }
+        let longest = spec
+            .branches
+            .iter()
+            .map(|b| b.prompt.len())
+            .chain([spec.prompt.len()])
+            .max()
+            .unwrap_or(1);
+        let prefill_pieces = longest.div_ceil(self.config.prefill_chunk_tokens.max(1));
         let branches = spec
             .branches
             .into_iter()
@@ -265,7 +280,6 @@ impl Scheduler {
                 cache: b.model.as_ref().map_or(decoder, |m| &m.decoder).new_cache(),
                 prompt: b.prompt,
                 model: b.model,
-                started: false,
             })
             .collect();
         let seq = Sequence::new(
@@ -280,6 +294,8 @@ impl Scheduler {
             seq,
             hooks: (!hooks.is_empty()).then(|| HookStack(hooks)),
             branches,
+            prefill_pieces,
+            prefilled_pieces: 0,
             processors,
             hook_time,
             report: (!reports.is_empty()).then_some(Value::Object(reports)),
@@ -319,6 +335,15 @@ impl Scheduler {
         let mut still_running = Vec::with_capacity(batch);
         let running = std::mem::take(&mut self.running);
         for (mut r, logits) in running.into_iter().zip(logits) {
+            let logits = match logits {
+                Ok(None) => {
+                    // Still prefilling a long prompt: nothing to sample yet.
+                    still_running.push(r);
+                    continue;
+                }
+                Ok(Some(logits)) => Ok(logits),
+                Err(e) => Err(e),
+            };
             let mut output = logits
                 .and_then(|row| apply_processors(&self.model, &mut r, row))
                 .map_err(|e| e.to_string())
@@ -401,142 +426,5 @@ impl Scheduler {
             .kv_cache_bytes
             .with_label_values(id)
             .set(kv as i64);
-    }
-}
-
-/// Lets the sequence's logits processors rewrite its logits before sampling.
-fn apply_processors(model: &Model, r: &mut Running, logits: StepLogits) -> CandleResult<Vec<f32>> {
-    let mut row = logits.main;
-    if r.processors.is_empty() {
-        return Ok(row);
-    }
-    let context = r.seq.context();
-    for (p, branches) in &mut r.processors {
-        row = p.process(
-            row,
-            &logits.branches[branches.clone()],
-            &model.decoder,
-            &context,
-        )?;
-    }
-    Ok(row)
-}
-
-/// Last-position logits of a running sequence and of each of its branches.
-struct StepLogits {
-    main: Vec<f32>,
-    branches: Vec<Vec<f32>>,
-}
-
-/// Runs the decoder on `running` and their branches: everything on the engine's model in one
-/// batch, then each other model's branches (contrastive decoding's amateurs) in one batch each.
-fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<StepLogits>> {
-    // Batches by model (index 0 = the engine's), and where each branch's logits will be.
-    let mut models: Vec<&Model> = vec![model];
-    let mut batches: Vec<Vec<SequenceStep>> = vec![Vec::new()];
-    let mut main_rows: Vec<usize> = Vec::with_capacity(running.len());
-    let mut branch_rows: Vec<(usize, usize)> = Vec::new();
-    for r in running.iter_mut() {
-        let last = r.seq.generated().last().copied();
-        let input = r.seq.next_input();
-        let mut step = SequenceStep::new(input, r.seq.cache_mut());
-        step.hooks = r.hooks.as_mut().map(|h| h as &mut dyn SequenceHooks);
-        main_rows.push(batches[0].len());
-        batches[0].push(step);
-        for b in &mut r.branches {
-            // A branch starts with its own prompt, then follows the main sequence's tokens.
-            let input = match (b.started, last) {
-                (true, Some(t)) => vec![t],
-                _ => b.prompt.clone(),
-            };
-            let group = match &b.model {
-                None => 0,
-                Some(m) => match models.iter().position(|&known| std::ptr::eq(known, &**m)) {
-                    Some(g) => g,
-                    None => {
-                        models.push(m);
-                        batches.push(Vec::new());
-                        models.len() - 1
-                    }
-                },
-            };
-            branch_rows.push((group, batches[group].len()));
-            batches[group].push(SequenceStep::new(DecoderInput::Tokens(input), &mut b.cache));
-        }
-    }
-    let mut logits: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(batches.len());
-    for (m, mut batch) in models.iter().zip(batches) {
-        let rows = m
-            .decoder
-            .forward(&mut batch)?
-            .into_iter()
-            .map(|l| {
-                l.ok_or_else(|| candle_core::Error::msg("missing logits"))?
-                    .squeeze(0)?
-                    .to_vec1::<f32>()
-            })
-            .map(|row| row.map(Some))
-            .collect::<CandleResult<Vec<_>>>()?;
-        logits.push(rows);
-    }
-    let mut take = |group: usize, row: usize| logits[group][row].take().expect("read once");
-    let mut branch_rows = branch_rows.into_iter();
-    let mut out = Vec::with_capacity(running.len());
-    for (r, main_row) in running.iter_mut().zip(main_rows) {
-        let main = take(0, main_row);
-        let branches = r
-            .branches
-            .iter_mut()
-            .map(|b| {
-                b.started = true;
-                let (group, row) = branch_rows.next().expect("one row per branch");
-                take(group, row)
-            })
-            .collect();
-        out.push(StepLogits { main, branches });
-    }
-    Ok(out)
-}
-
-/// Measures the time an intervention's hooks take (for `attune_intervention_hook_seconds`).
-struct TimedHooks {
-    inner: Box<dyn SequenceHooks>,
-    spent_nanos: Arc<AtomicU64>,
-}
-
-impl TimedHooks {
-    fn timed<T>(&mut self, f: impl FnOnce(&mut dyn SequenceHooks) -> T) -> T {
-        let start = Instant::now();
-        let out = f(self.inner.as_mut());
-        self.spent_nanos
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
-    }
-}
-
-impl SequenceHooks for TimedHooks {
-    fn wants(&self, point: HookPoint, layer: usize) -> bool {
-        self.inner.wants(point, layer)
-    }
-    fn scores(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
-        self.timed(|h| h.scores(site, t))
-    }
-    fn probs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
-        self.timed(|h| h.probs(site, t))
-    }
-    fn head_outputs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
-        self.timed(|h| h.head_outputs(site, t))
-    }
-    fn mlp_output(&mut self, site: &RowSite, t: Tensor) -> CandleResult<Tensor> {
-        self.timed(|h| h.mlp_output(site, t))
-    }
-    fn residual(&mut self, site: &RowSite, t: Tensor) -> CandleResult<Tensor> {
-        self.timed(|h| h.residual(site, t))
-    }
-    fn queries(&mut self, site: &AttentionSite, q: &Tensor) -> CandleResult<()> {
-        self.timed(|h| h.queries(site, q))
-    }
-    fn select_keys(&mut self, site: &AttentionSite) -> CandleResult<Option<Tensor>> {
-        self.timed(|h| h.select_keys(site))
     }
 }
