@@ -3,7 +3,7 @@
 //! the same engine step; the server checks that the model exists and the vocabularies match.
 
 use super::default_alpha;
-use super::pair::{Contrast, ContrastFields, ContrastProcessor, Rule, Space};
+use super::pair::{Contrast, ContrastFields, Rule, Space};
 use crate::params::{from_value, InterventionError};
 use crate::{Branch, BranchPrompt, Installed, Intervention};
 use serde::{Deserialize, Serialize};
@@ -90,10 +90,7 @@ impl Intervention for AmateurContrast {
     }
 
     fn install(&self) -> Installed {
-        if self.contrast.is_neutral() {
-            return Installed::default();
-        }
-        Installed::processor(ContrastProcessor(self.contrast.clone()))
+        self.contrast.install()
     }
 
     fn other_models(&self) -> Vec<String> {

@@ -3,7 +3,7 @@
 
 use super::log_softmax;
 use crate::params::{check_range, InterventionError};
-use crate::LogitsProcessor;
+use crate::{Installed, LogitsProcessor};
 use attune_models::Decoder;
 use candle_core::Result;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,14 @@ impl Contrast {
         self.weight == 0.0 && self.alpha == 0.0
     }
 
+    /// The processor that combines the branches, or nothing when neutral.
+    pub fn install(&self) -> Installed {
+        if self.is_neutral() {
+            return Installed::default();
+        }
+        Installed::processor(ContrastProcessor(self.clone()))
+    }
+
     /// The unified step for one row. A contrast branch with a longer or shorter vocabulary
     /// (padded lm_heads) is compared on the common part; tokens past it are masked.
     pub fn combine(&self, positive: &[f32], negative: &[f32]) -> Vec<f32> {
@@ -146,7 +154,7 @@ impl Contrast {
 }
 
 /// Applies a [`Contrast`] to the main logits and the first branch's.
-pub struct ContrastProcessor(pub Contrast);
+struct ContrastProcessor(Contrast);
 
 impl LogitsProcessor for ContrastProcessor {
     fn process(

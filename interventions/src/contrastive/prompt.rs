@@ -2,7 +2,7 @@
 //! main one (CD's same-model amateur with a prefix, or LQCD's leading query).
 
 use super::default_alpha;
-use super::pair::{Contrast, ContrastFields, ContrastProcessor, Rule, Space};
+use super::pair::{Contrast, ContrastFields, Rule, Space};
 use crate::params::{from_value, InterventionError};
 use crate::{Branch, BranchPrompt, Installed, Intervention};
 use serde::{Deserialize, Serialize};
@@ -94,10 +94,7 @@ impl Intervention for PromptContrast {
     }
 
     fn install(&self) -> Installed {
-        if self.contrast.is_neutral() {
-            return Installed::default();
-        }
-        Installed::processor(ContrastProcessor(self.contrast.clone()))
+        self.contrast.install()
     }
 
     fn branches(&self) -> Vec<Branch> {
