@@ -327,6 +327,21 @@ fn bad_input_gets_the_right_status_and_names_the_field() {
             400,
             Some("messages"),
         ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "score_token_ids": [3, 49152]}),
+            400,
+            Some("score_token_ids"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "score_token_ids": [3, 3]}),
+            400,
+            Some("score_token_ids"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "interventions": [{"type": "contrastive_decoding", "mode": "amateur", "amateur_model": "other"}]}),
+            400,
+            Some("interventions[0].amateur_model"),
+        ),
     ];
     for (body, status, param) in cases {
         let (got, err) = server.post("/v1/chat/completions", &body);
@@ -361,6 +376,27 @@ fn bad_input_gets_the_right_status_and_names_the_field() {
         body.contains("larger than the 2097152-byte limit"),
         "{body}"
     );
+
+    // The tokenizer routes check their input the same way.
+    for (path, body, param) in [
+        ("/tokenize", json!({}), "prompt"),
+        (
+            "/tokenize",
+            json!({"prompt": "x", "messages": []}),
+            "prompt",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        ("/detokenize", json!({"tokens": [1, 99999999]}), "tokens"),
+        ("/detokenize", json!({"tokens": "abc"}), "tokens"),
+    ] {
+        let (got, err) = server.post(path, &body);
+        assert_eq!(got, 400, "{path} {body} -> {err}");
+        assert_eq!(err["error"]["param"], param, "{path} {body} -> {err}");
+    }
 
     // Still serving.
     let (status, _) = server.post("/v1/chat/completions", &chat("Hi", 2));
