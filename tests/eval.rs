@@ -4,7 +4,7 @@
 mod common;
 
 use attune_models::{default_device, Model, ModelSource};
-use common::{attune, attune_ok, default_model, stderr, stdout};
+use common::{attune, attune_ok, default_model, stderr, stdout, Server};
 use serde_json::{json, Value};
 
 const ITEMS: &str = r#"{"prompt": "Is the sky blue on a clear day? Answer yes or no.", "choices": ["yes", "no"], "answer": "yes"}
@@ -222,4 +222,33 @@ fn passkey_reports_accuracy_by_context_length_and_depth() {
         let key = o["id"].as_str().unwrap().rsplit("key").next().unwrap();
         assert_eq!(o["correct"], o["answer"].as_str().unwrap().contains(key));
     }
+}
+
+#[test]
+fn eval_runs_against_a_running_server_with_its_api_key() {
+    let server = Server::start("", &["--api-key", "sekrit"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("items.jsonl");
+    std::fs::write(&file, ITEMS).unwrap();
+    let output = dir.path().join("remote.json");
+    let run = |key: &str| {
+        attune()
+            .args(["eval", "custom", "--url", &server.base, "--api-key", key])
+            .args(["--file", file.to_str().unwrap()])
+            .args(["--output", output.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let refused = run("wrong");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("Invalid API key"),
+        "{}",
+        stderr(&refused)
+    );
+    let out = run("sekrit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    assert_eq!(report["server"], server.base.as_str());
+    assert_eq!(report["n"], 3);
 }

@@ -29,7 +29,7 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
         Some(url) => url.trim_end_matches('/').to_string(),
         None => local_server::start(config)?,
     };
-    local_server::wait_ready(&base)?;
+    local_server::wait_ready(&base, None)?;
     println!(
         "server: {base} | {} generated tokens per request (greedy, chat) | {} requests per stream",
         load.max_tokens, load.requests_per_stream

@@ -22,13 +22,23 @@ pub fn start(mut config: AttuneConfig) -> Result<String> {
     Ok(format!("http://127.0.0.1:{port}"))
 }
 
-/// Waits until `base`/ready answers 200 (every model loaded), for up to five minutes.
-pub fn wait_ready(base: &str) -> Result<()> {
+/// Waits until `base`/ready answers 200 (every model loaded), for up to five minutes; a server
+/// that refuses `api_key` is an error at once.
+pub fn wait_ready(base: &str, api_key: Option<&str>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
-        if let Ok(r) = agent().get(&format!("{base}/ready")).call() {
-            if r.status() == 200 {
-                return Ok(());
+        let mut request = agent().get(&format!("{base}/ready"));
+        if let Some(key) = api_key {
+            request = request.header("Authorization", &format!("Bearer {key}"));
+        }
+        if let Ok(mut r) = request.call() {
+            match r.status().as_u16() {
+                200 => return Ok(()),
+                401 => bail!(
+                    "{base} refused the API key: {}",
+                    r.body_mut().read_to_string().unwrap_or_default()
+                ),
+                _ => {}
             }
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -99,7 +99,7 @@ pub fn run(options: &EvalOptions, config: AttuneConfig) -> Result<()> {
         Some(url) => url.clone(),
         None => local_server::start(config.clone())?,
     };
-    local_server::wait_ready(base.trim_end_matches('/'))?;
+    local_server::wait_ready(base.trim_end_matches('/'), options.api_key.as_deref())?;
     let client = Client::new(&base, options.api_key.clone());
     let model = client.default_model()?;
     let items = load_items(options, &config, &client)?;
