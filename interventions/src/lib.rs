@@ -1,8 +1,9 @@
 //! Training-free, per-request interventions. Each method lives in its own module: typed,
 //! validated parameters, and the hooks it installs in the decoder for one sequence.
 //!
-//! The server parses the request's `interventions` list with [`parse_all`], installs
-//! [`Intervention::hooks`] on each sequence, and lists [`catalogue`] at `/v1/interventions`.
+//! The server parses the request's `interventions` list with [`parse_all`], installs each
+//! method on each sequence ([`Intervention::install_for`]: decoder hooks, a logits processor,
+//! contrast branches), and lists [`catalogue`] at `/v1/interventions`.
 //!
 //! Composition: whatever the order in the request, score hooks (ZeroTuning's bias) run before
 //! the softmax and probability hooks (ACT) after it, as the spec orders them.

@@ -174,7 +174,7 @@ fn finish(
     let (sampling, stop, n) = sampling(c.state, c.model, c.sampling)?;
     let context = c.model.decoder.config().max_position_embeddings;
     let score_tokens = score_tokens(c.state, c.model, c.score_token_ids)?;
-    let parsed = parse_interventions(c.state, c.model, interventions)?;
+    let (parsed, other_models) = parse_interventions(c.state, c.model, interventions)?;
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     for (prompt, source) in prompts {
@@ -215,7 +215,14 @@ fn finish(
                 .min(room),
         };
         prompt_tokens += prompt.len();
-        let branches = branches(c.state, c.model, &parsed, &source, &prompt, max_tokens)?;
+        let branches = branches(
+            c.model,
+            &parsed,
+            &other_models,
+            &source,
+            &prompt,
+            max_tokens,
+        )?;
         for i in 0..n {
             let mut sampling = sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
@@ -337,11 +344,14 @@ pub fn detokenize(state: &AppState, req: DetokenizeRequest) -> Result<String, Ap
         .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))
 }
 
+/// Other served models the interventions read, by id (checked once per request).
+type OtherModels = Vec<(String, Arc<Model>)>;
+
 fn parse_interventions(
     state: &AppState,
     model: &Model,
     specs: &[Value],
-) -> Result<Vec<Box<dyn Intervention>>, ApiError> {
+) -> Result<(Vec<Box<dyn Intervention>>, OtherModels), ApiError> {
     if specs.len() > state.limits.max_interventions {
         return Err(ApiError::invalid(
             "interventions",
@@ -355,12 +365,14 @@ fn parse_interventions(
     let shape = ModelShape::of(cfg, ModelKind::Llm);
     let parsed = attune_interventions::parse_all(specs, &shape)
         .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))?;
+    let mut others = Vec::new();
     for (i, intervention) in parsed.iter().enumerate() {
         for id in intervention.other_models() {
-            other_model(state, model, &id, i)?;
+            let other = other_model(state, model, &id, i)?;
+            others.push((id, other));
         }
     }
-    Ok(parsed)
+    Ok((parsed, others))
 }
 
 /// Another served model an intervention reads (contrastive decoding's amateur): it must be
@@ -584,9 +596,9 @@ fn completion_prompts(
 /// The interventions' contrast branches for one request prompt: their token prompts and the
 /// models they run on.
 fn branches(
-    state: &AppState,
     model: &Model,
     interventions: &[Box<dyn Intervention>],
+    other_models: &OtherModels,
     source: &PromptSource,
     prompt: &[u32],
     max_tokens: usize,
@@ -600,11 +612,21 @@ fn branches(
             if tokens.is_empty() {
                 return Err(ApiError::invalid(&param, "The contrast prompt is empty"));
             }
-            let runs_on = branch
-                .model
-                .as_deref()
-                .map(|id| other_model(state, model, id, i))
-                .transpose()?;
+            let runs_on = match &branch.model {
+                None => None,
+                Some(id) => Some(
+                    other_models
+                        .iter()
+                        .find(|(known, _)| known == id)
+                        .map(|(_, m)| m.clone())
+                        .ok_or_else(|| {
+                            ApiError::internal(format!(
+                                "interventions[{i}] runs a branch on `{id}` without naming it \
+                                 among its other models"
+                            ))
+                        })?,
+                ),
+            };
             let context = runs_on
                 .as_deref()
                 .unwrap_or(model)
