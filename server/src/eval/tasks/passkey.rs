@@ -8,8 +8,9 @@ use crate::passkey::{passkey, repeats_for, user_text, ANSWER_PREFIX, FILLER};
 use anyhow::Result;
 use serde_json::json;
 
-/// Tokens generated per answer: enough for " 12345." and some slack.
-const ANSWER_TOKENS: usize = 8;
+/// Tokens generated per answer: room for " 12345." after the model restates "the pass key is"
+/// (8 cut such answers off after the key's first digits).
+const ANSWER_TOKENS: usize = 16;
 
 /// `n` items per (context length, depth) pair; keys drawn from `seed`.
 pub fn items(
