@@ -179,7 +179,7 @@ fn label_tokens(client: &Client, names: &[String], forms: &[Vec<String>]) -> Res
 }
 
 /// ln(sum(exp(x))) over finite and infinite values alike.
-pub fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
+fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
     let values: Vec<f64> = values.collect();
     let max = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
