@@ -370,10 +370,10 @@ fn bad_input_gets_the_right_status_and_names_the_field() {
         .unwrap()
         .contains("not valid JSON"));
     // A body over the limit gets 413 (sent whole: the server stops reading at the limit).
-    let (status, body) = send_body(&server, "/v1/completions", (2 << 20) + 64);
+    let (status, body) = send_body(&server, "/v1/completions", (16 << 20) + 64);
     assert_eq!(status, 413, "{body}");
     assert!(
-        body.contains("larger than the 2097152-byte limit"),
+        body.contains("larger than the 16777216-byte limit"),
         "{body}"
     );
 

@@ -60,6 +60,14 @@ pub struct ServerConfig {
     pub max_interventions: usize,
     /// Most token ids in a request's `score_token_ids`.
     pub max_score_tokens: usize,
+    /// Most images in one request (vision-language models).
+    pub max_images: usize,
+    /// Largest image in bytes, as sent (after base64 decoding).
+    pub max_image_bytes: usize,
+    /// Most pixels (width x height) of one image, checked before decoding it.
+    pub max_image_pixels: u64,
+    /// Longest side of one image in pixels.
+    pub max_image_side: u32,
     /// A request still running after this many seconds is cancelled (503).
     pub request_timeout_secs: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
@@ -79,10 +87,14 @@ impl Default for ServerConfig {
             max_queue: 64,
             max_tokens_cap: 4096,
             max_n: 8,
-            max_body_bytes: 2 * 1024 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
             max_stop_strings: 8,
             max_interventions: 8,
             max_score_tokens: 256,
+            max_images: 4,
+            max_image_bytes: 10 * 1024 * 1024,
+            max_image_pixels: 4096 * 4096,
+            max_image_side: 8192,
             request_timeout_secs: 600,
             shutdown_grace_secs: 30,
             retry_after_secs: 1,
@@ -158,6 +170,9 @@ impl AttuneConfig {
             ("server.max_tokens_cap", s.max_tokens_cap),
             ("server.max_n", s.max_n),
             ("server.max_body_bytes", s.max_body_bytes),
+            ("server.max_image_bytes", s.max_image_bytes),
+            ("server.max_image_pixels", s.max_image_pixels as usize),
+            ("server.max_image_side", s.max_image_side as usize),
             (
                 "server.request_timeout_secs",
                 s.request_timeout_secs as usize,

@@ -244,14 +244,17 @@ pub fn catalogue() -> Vec<MethodInfo> {
                 with the same tokenizer (`amateur_model`), run as a branch on that model in the \
                 same engine step; default rule difference in logprobs space (lambda 1, \
                 `amateur_temperature` 1), or extrapolate in logits space (beta 0.5). \
-                `image_noise` (VCD) needs a vision-language model. Weight 0 with alpha 0 (and, \
-                for dola, repetition_penalty 1) gives the base distribution.",
+                `image_noise` (VCD, Leng et al. 2024; vision-language models, requests with an \
+                image): the same prompt with the images diffusion-noised to `noise_step` of \
+                1000, run as a branch in the same batch, extrapolated in logits space (beta 1). \
+                Weight 0 with alpha 0 (and, for dola, repetition_penalty 1) gives the base \
+                distribution.",
             parameters: vec![
                 ParamInfo {
                     name: "mode",
                     kind: "string",
                     default: json!(null),
-                    range: "\"dola\" | \"prompt\" | \"amateur\" (required; \"image_noise\" needs a VLM)",
+                    range: "\"dola\" | \"prompt\" | \"amateur\" | \"image_noise\" (required; image_noise needs a VLM)",
                     description: "Which contrast to use.",
                     schema: json!({"enum": ["dola", "prompt", "amateur", "image_noise"]}),
                 },
@@ -366,6 +369,23 @@ pub fn catalogue() -> Vec<MethodInfo> {
                     schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 1.0}),
                 },
                 ParamInfo {
+                    name: "noise_step",
+                    kind: "integer",
+                    default: json!(500),
+                    range: "0..999",
+                    description: "image_noise: diffusion step of the noise (VCD's schedule; 500: \
+                        0.863 x + 0.505 eps).",
+                    schema: json!({"type": "integer", "minimum": 0, "maximum": 999, "default": 500}),
+                },
+                ParamInfo {
+                    name: "noise_seed",
+                    kind: "integer",
+                    default: json!(0),
+                    range: ">= 0",
+                    description: "image_noise: seed of the Gaussian noise.",
+                    schema: json!({"type": "integer", "minimum": 0, "default": 0}),
+                },
+                ParamInfo {
                     name: "ignore_prefix",
                     kind: "boolean",
                     default: json!(false),
@@ -376,16 +396,155 @@ pub fn catalogue() -> Vec<MethodInfo> {
                 },
             ],
         },
-        planned(
-            "var",
-            vec![ModelKind::Vlm],
-            "VAR: visual attention sink redistribution (planned).",
-        ),
-        planned(
-            "vhr",
-            vec![ModelKind::Vlm],
-            "VHR: vision-aware head reinforcement (planned).",
-        ),
+        MethodInfo {
+            name: "var",
+            applies_to: vec![ModelKind::Vlm],
+            implemented: true,
+            description: "VAR (Kang et al., ICLR 2025): image tokens whose residual stream is \
+                massive in the sink dimensions (phi = max |x[d]| / RMS(x) >= tau, tested on the \
+                prompt per request) are visual attention sinks. In rows after the image whose \
+                image attention is >= image_mass and whose non-sink share of it is >= rho, \
+                transfer_fraction of the attention on every sink (text and visual) moves to the \
+                non-sink image tokens in proportion to their attention; rows still sum to 1. No \
+                extra pass. Needs an image.",
+            parameters: vec![
+                ParamInfo {
+                    name: "sink_dims",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..hidden_size; null = on record (LLaMA-2-7B {2533, 1415}, \
+                        13B {2100, 4743}) or, for other backbones, the 2 dimensions where the \
+                        first token's residual entering the first VAR layer is largest",
+                    description: "Hidden dimensions carrying the sink activations.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+                ParamInfo {
+                    name: "tau",
+                    kind: "number",
+                    default: json!(20.0),
+                    range: "> 0; lower = more sinks",
+                    description: "Sink threshold on phi.",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "default": 20.0}),
+                },
+                ParamInfo {
+                    name: "rho",
+                    kind: "number",
+                    default: json!(0.5),
+                    range: "[0, 2]; > 1 = off (0.5 hallucination, 0.8 general, 0.9 vision-centric)",
+                    description: "Least non-sink share of a row's image attention for the row to be edited.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 2, "default": 0.5}),
+                },
+                ParamInfo {
+                    name: "image_mass",
+                    kind: "number",
+                    default: json!(0.2),
+                    range: "[0, 1]",
+                    description: "Least attention on the image for a row to be edited.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 1, "default": 0.2}),
+                },
+                ParamInfo {
+                    name: "transfer_fraction",
+                    kind: "number",
+                    default: json!(0.6),
+                    range: "[0, 1]; 0 = off; 0.6 = paper, 0.4 = released code",
+                    description: "Fraction of the sink attention moved to the image.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 1, "default": 0.6}),
+                },
+                ParamInfo {
+                    name: "layers",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..num_layers; null = 2..N-2",
+                    description: "Layers to edit.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+            ],
+        },
+        MethodInfo {
+            name: "vhr",
+            applies_to: vec![ModelKind::Vlm],
+            implemented: true,
+            description: "VHR (He et al., ACL 2025): when the sequence starts, the prompt with \
+                and without its image spans prefill in lockstep; per chosen layer, heads whose \
+                output at the last prompt position moves most without the image (VHD, after \
+                dropping heads that explode without it) above the median get their outputs \
+                multiplied by alpha for the whole generation. Costs two extra prefills (the \
+                image prefill is rerun with the heads fixed; the result equals reinforcing in \
+                place). The chosen heads come back in `intervention_report`. Needs an image.",
+            parameters: vec![
+                ParamInfo {
+                    name: "alpha",
+                    kind: "number",
+                    default: json!(2.0),
+                    range: "[0, 100]; 1 = off; the paper finds 2-3 best, 4 degenerates",
+                    description: "Gain of the vision-aware heads.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 2.0}),
+                },
+                ParamInfo {
+                    name: "layers",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..num_layers; null = {1} and the last round(0.44 N) \
+                        (LLaVA-1.5: {1, 18..31})",
+                    description: "Layers whose heads are selected and reinforced.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+            ],
+        },
+        MethodInfo {
+            name: "vista",
+            applies_to: vec![ModelKind::Vlm],
+            implemented: true,
+            description: "VISTA (Li et al., ICML 2025). VSV: two extra prefills (with and \
+                without the image) give each layer's direction at the last prompt token; every \
+                step, each steered layer's MLP output (`site: mlp`, the released code, with its \
+                gain c = 1 + max(0, cos(m, -v))) or post-block residual (`site: residual`, the \
+                paper) is turned toward it with its norm kept. SLA: gamma * the mean logits of \
+                `sla_layers` (lm_head without the final norm) + (1 - gamma) * the final logits. \
+                lambda 0 turns VSV off, gamma 0 turns SLA off. Needs an image.",
+            parameters: vec![
+                ParamInfo {
+                    name: "lambda",
+                    kind: "number",
+                    default: json!(0.1),
+                    range: "[0, 100]; 0 = no VSV (authors: 0.17 CHAIR, 0.01 POPE, 0.1 MMHal)",
+                    description: "Steering strength.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 100, "default": 0.1}),
+                },
+                ParamInfo {
+                    name: "site",
+                    kind: "string",
+                    default: json!("mlp"),
+                    range: "\"mlp\" | \"residual\"",
+                    description: "Where VSV steers.",
+                    schema: json!({"enum": ["mlp", "residual"], "default": "mlp"}),
+                },
+                ParamInfo {
+                    name: "layers",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..num_layers; null = all",
+                    description: "Steered layers.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+                ParamInfo {
+                    name: "gamma",
+                    kind: "number",
+                    default: json!(0.3),
+                    range: "[0, 1]; 0 = no SLA",
+                    description: "SLA mixing weight.",
+                    schema: json!({"type": "number", "minimum": 0, "maximum": 1, "default": 0.3}),
+                },
+                ParamInfo {
+                    name: "sla_layers",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..num_layers; null = N-7..N-2 (LLaVA-1.5: 25..30)",
+                    description: "Layers whose outputs SLA averages.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+            ],
+        },
         planned(
             "carve",
             vec![ModelKind::Vlm],

@@ -9,14 +9,21 @@
 //! the softmax and probability hooks (ACT) after it, as the spec orders them.
 
 pub mod act;
+mod capture;
 mod catalogue;
 pub mod contrastive;
 mod params;
+mod prompt_view;
 pub mod recycled;
+pub mod var;
+pub mod vhr;
+pub mod vista;
 pub mod zerotuning;
 
 pub use catalogue::{catalogue, MethodInfo, ModelKind, ParamInfo};
+pub use contrastive::ImageNoise;
 pub use params::InterventionError;
+pub use prompt_view::PromptView;
 
 use attune_models::{Decoder, DecoderConfig, SequenceHooks};
 use serde_json::Value;
@@ -25,6 +32,7 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy)]
 pub struct ModelShape {
     pub num_layers: usize,
+    pub hidden_size: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub tied_embeddings: bool,
@@ -36,6 +44,7 @@ impl ModelShape {
     pub fn of(cfg: &DecoderConfig, kind: ModelKind) -> Self {
         Self {
             num_layers: cfg.num_layers,
+            hidden_size: cfg.hidden_size,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             tied_embeddings: cfg.tie_word_embeddings,
@@ -64,8 +73,17 @@ pub trait Intervention: Send + Sync {
     }
     /// Fresh per-sequence state for a sequence with this `prompt`. Methods that pick their
     /// parameters per prompt (ZeroTuning's `auto`) run their extra passes on `decoder` here.
-    fn install_for(&self, _decoder: &Decoder, _prompt: &[u32]) -> candle_core::Result<Installed> {
+    fn install_for(
+        &self,
+        _decoder: &Decoder,
+        _prompt: &PromptView,
+    ) -> candle_core::Result<Installed> {
         Ok(self.install())
+    }
+    /// Whether the method only makes sense on a prompt with an image (a request without one is
+    /// refused rather than silently left unchanged).
+    fn needs_image(&self) -> bool {
+        false
     }
 }
 
@@ -76,6 +94,8 @@ pub struct Branch {
     pub prompt: BranchPrompt,
     /// The id of another served model to run it on; `None`: the request's model.
     pub model: Option<String>,
+    /// Noise put on the prompt's images (VCD); `None`: the images as they are.
+    pub image_noise: Option<ImageNoise>,
 }
 
 /// How a branch's prompt derives from the request's. The server renders it (chat template,
@@ -167,7 +187,26 @@ fn parse_with(
     let mut params = object.clone();
     params.remove("type");
     let params = Value::Object(params);
+    let vlm_only = ["var", "vhr", "carve", "vista"];
+    if vlm_only.contains(&name) && shape.kind != ModelKind::Vlm {
+        return Err(InterventionError::new(
+            "type",
+            format!("`{name}` works on images and needs a vision-language model; this model is text-only"),
+        ));
+    }
     match name {
+        "var" => {
+            if others.contains(&"recycled_attention") {
+                return Err(InterventionError::new(
+                    "type",
+                    "`var` cannot be combined with `recycled_attention`: VAR edits rows over \
+                     the whole image, which a partial cache does not hold",
+                ));
+            }
+            Ok(Box::new(var::Var::from_request(params, shape)?))
+        }
+        "vhr" => Ok(Box::new(vhr::Vhr::from_request(params, shape)?)),
+        "vista" => Ok(Box::new(vista::Vista::from_request(params, shape)?)),
         "zerotuning" => Ok(Box::new(zerotuning::ZeroTuning::from_request(
             params, shape,
         )?)),

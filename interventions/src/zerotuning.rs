@@ -10,10 +10,8 @@
 //! add per head row. In our packed batches every sequence starts at key 0, so p0 = 0.
 
 use crate::params::{check_indices, from_value, InterventionError};
-use crate::{Installed, Intervention, ModelShape};
-use attune_models::{
-    AttentionSite, Decoder, DecoderInput, HookPoint, LogitsFor, SequenceHooks, SequenceStep,
-};
+use crate::{Installed, Intervention, ModelShape, PromptView};
+use attune_models::{AttentionSite, Decoder, HookPoint, LogitsFor, SequenceHooks, SequenceStep};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -133,7 +131,7 @@ impl ZeroTuning {
 
     /// The auto grid's gamma with the lowest next-token entropy after `prompt`, and every
     /// grid value's entropy (nats). All grid prefills run as one batch.
-    pub fn pick_gamma(&self, decoder: &Decoder, prompt: &[u32]) -> Result<(f64, Vec<f64>)> {
+    pub fn pick_gamma(&self, decoder: &Decoder, prompt: &PromptView) -> Result<(f64, Vec<f64>)> {
         let grid = self
             .auto
             .as_deref()
@@ -146,7 +144,7 @@ impl ZeroTuning {
             })
             .collect();
         // Long prompts go in pieces, keeping the score matrices at piece x context.
-        let pieces: Vec<&[u32]> = prompt.chunks(AUTO_PREFILL_PIECE).collect();
+        let pieces = prompt.pieces(AUTO_PREFILL_PIECE)?;
         let mut logits = Vec::new();
         for (i, piece) in pieces.iter().enumerate() {
             let wanted = if i + 1 == pieces.len() {
@@ -158,7 +156,7 @@ impl ZeroTuning {
                 .iter_mut()
                 .zip(hooks.iter_mut())
                 .map(|(cache, h)| {
-                    SequenceStep::new(DecoderInput::Tokens(piece.to_vec()), cache)
+                    SequenceStep::new(piece.clone(), cache)
                         .with_hooks(h)
                         .with_logits(wanted)
                 })
@@ -259,7 +257,7 @@ impl Intervention for ZeroTuning {
         })
     }
 
-    fn install_for(&self, decoder: &Decoder, prompt: &[u32]) -> Result<Installed> {
+    fn install_for(&self, decoder: &Decoder, prompt: &PromptView) -> Result<Installed> {
         let Some(grid) = &self.auto else {
             return Ok(self.install());
         };

@@ -74,7 +74,8 @@ fn branches_and_errors() {
         parsed[0].branches(),
         vec![Branch {
             prompt: BranchPrompt::Replace("Agree with me: is the sky green?".into()),
-            model: None
+            model: None,
+            image_noise: None,
         }]
     );
     assert_eq!(parsed[0].resolved()["rule"], "extrapolate");
@@ -115,7 +116,8 @@ fn amateur_mode_defaults_branches_and_errors() {
         cd[0].branches(),
         vec![Branch {
             prompt: BranchPrompt::Same,
-            model: Some("small".into())
+            model: Some("small".into()),
+            image_noise: None,
         }]
     );
     // O'Brien & Lewis: extrapolate in logit space, beta .5.

@@ -1,6 +1,6 @@
 //! ZeroTuning's invariants (spec §1 "Sanity") on a tiny seeded model.
 
-use attune_interventions::{parse, parse_all};
+use attune_interventions::{parse, parse_all, PromptView};
 use attune_models::testing::{random_decoder, tiny_config};
 use attune_models::{AttentionSite, HookPoint};
 use candle_core::{Device, Result, Tensor, D};
@@ -187,7 +187,9 @@ fn auto_picks_the_grid_gamma_with_the_lowest_next_token_entropy() {
     let spec = json!({"type": "zerotuning", "auto": {"grid": grid}});
     let zt = parse(&spec, &tiny_shape()).unwrap();
     let decoder = random_decoder(&tiny_config(), 3, &Device::Cpu).unwrap();
-    let installed = zt.install_for(&decoder, &prompt).unwrap();
+    let installed = zt
+        .install_for(&decoder, &PromptView::text(&prompt))
+        .unwrap();
     let report = installed.report.expect("auto reports its choice");
     let entropies: Vec<f64> = serde_json::from_value(report["entropy"].clone()).unwrap();
     for (got, want) in entropies.iter().zip(&expected) {

@@ -332,12 +332,34 @@ impl Decoder {
                 .apply(&rows(&k, self.cfg.num_kv_heads)?, &span.rope)?;
             let v = rows(&v, self.cfg.num_kv_heads)?;
             let (k_all, v_all) = step.cache.append(index, &k, &v)?;
-            outputs.push(self.attention(index, span.start, &q, &k_all, &v_all, step)?);
+            let out = self.attention(index, span.start, &q, &k_all, &v_all, step)?;
+            if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, index) {
+                hooks.observe_head_outputs(&site, &out)?;
+            }
+            outputs.push(out);
         }
-        let attn = if outputs.len() == 1 {
-            outputs.pop().expect("one output")
+        // Rewrites only after every sequence's outputs were observed.
+        for ((step, span), out) in batch.iter_mut().zip(spans).zip(outputs.iter_mut()) {
+            if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, index) {
+                let site = AttentionSite {
+                    layer: index,
+                    query_start: span.start,
+                    query_len: span.len,
+                    key_len: span.start + span.len,
+                    selected_keys: None,
+                };
+                *out = hooks.head_outputs(&site, out.clone())?;
+            }
+        }
+        let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);
+        let mut rows = outputs
+            .iter()
+            .map(|o| o.transpose(0, 1)?.reshape((o.dim(1)?, heads * head_dim)))
+            .collect::<Result<Vec<_>>>()?;
+        let attn = if rows.len() == 1 {
+            rows.pop().expect("one output")
         } else {
-            Tensor::cat(&outputs, 0)?
+            Tensor::cat(&rows, 0)?
         };
         let hidden = (hidden + layer.o.forward(&attn)?)?;
         let x = self.rms_norm(&hidden, &layer.ffn_norm)?;
@@ -348,7 +370,7 @@ impl Decoder {
     }
 
     /// Attention for one sequence: `q` (heads, q_len, head_dim) against the cached `k`, `v`
-    /// (kv_heads, key_len, head_dim). Returns (q_len, heads * head_dim).
+    /// (kv_heads, key_len, head_dim). Returns the per-head outputs (heads, q_len, head_dim).
     fn attention(
         &self,
         layer: usize,
@@ -410,14 +432,10 @@ impl Decoder {
         if let Some(hooks) = step.hooks_for(HookPoint::Probs, layer) {
             probs = hooks.probs(&site, probs)?;
         }
-        let mut out = probs
+        probs
             .reshape((kv_heads, groups * q_len, attended))?
             .matmul(&v)?
-            .reshape((heads, q_len, head_dim))?;
-        if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, layer) {
-            out = hooks.head_outputs(&site, out)?;
-        }
-        out.transpose(0, 1)?.reshape((q_len, heads * head_dim))
+            .reshape((heads, q_len, head_dim))
     }
 
     /// [`Self::attention`] of one query on the CPU (see [`crate::cpu_attention`]); the same
@@ -477,11 +495,7 @@ impl Decoder {
                 .flatten_all()?
                 .to_vec1()?;
         }
-        let mut out = as_tensor(query.weighted_values(&probs), head_dim)?;
-        if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, site.layer) {
-            out = hooks.head_outputs(&site, out)?;
-        }
-        out.reshape((1, heads * head_dim))
+        as_tensor(query.weighted_values(&probs), head_dim)
     }
 
     /// Additive mask (q_len, key_len) for causality and Mistral's sliding window; `None` when

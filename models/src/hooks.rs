@@ -14,7 +14,10 @@ pub enum HookPoint {
     Scores,
     /// Attention probabilities after softmax: (heads, q_len, k_len).
     Probs,
-    /// Per-head attention outputs before `o_proj`: (heads, q_len, head_dim).
+    /// Per-head attention outputs before `o_proj`: (heads, q_len, head_dim). In a batched
+    /// step every sequence's outputs of a layer are observed
+    /// ([`SequenceHooks::observe_head_outputs`]) before any is rewritten
+    /// ([`SequenceHooks::head_outputs`]), so sequences can compare theirs (VHR's lockstep).
     HeadOutputs,
     /// A layer's MLP output before it is added to the residual stream: (q_len, hidden).
     MlpOutput,
@@ -60,6 +63,12 @@ pub trait SequenceHooks: Send {
 
     fn probs(&mut self, _site: &AttentionSite, probs: Tensor) -> Result<Tensor> {
         Ok(probs)
+    }
+
+    /// Reads the layer's per-head outputs; runs for every sequence of the step before any
+    /// sequence's [`Self::head_outputs`].
+    fn observe_head_outputs(&mut self, _site: &AttentionSite, _outputs: &Tensor) -> Result<()> {
+        Ok(())
     }
 
     fn head_outputs(&mut self, _site: &AttentionSite, outputs: Tensor) -> Result<Tensor> {
@@ -115,6 +124,17 @@ impl SequenceHooks for HookStack {
             t = h.probs(site, t)?;
         }
         Ok(t)
+    }
+
+    fn observe_head_outputs(&mut self, site: &AttentionSite, t: &Tensor) -> Result<()> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::HeadOutputs, site.layer))
+        {
+            h.observe_head_outputs(site, t)?;
+        }
+        Ok(())
     }
 
     fn head_outputs(&mut self, site: &AttentionSite, mut t: Tensor) -> Result<Tensor> {

@@ -19,6 +19,7 @@ pub mod safetensors;
 pub mod source;
 pub mod testing;
 pub mod tokenizer;
+pub mod vision;
 mod weights;
 
 pub use arch::{Architecture, DecoderConfig};

@@ -6,6 +6,7 @@ use crate::gguf::GgufFile;
 use crate::safetensors;
 use crate::source::ModelSource;
 use crate::tokenizer::TextTokenizer;
+use crate::vision::{llava, Vision};
 use anyhow::{Context, Result};
 use candle_core::Device;
 
@@ -14,10 +15,13 @@ pub struct Model {
     pub tokenizer: TextTokenizer,
     pub chat_template: ChatTemplate,
     pub source: ModelSource,
+    /// The vision side of a vision-language model.
+    pub vision: Option<Vision>,
 }
 
 impl Model {
     pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
+        let mut vision = None;
         let (decoder, tokenizer, template) = match source {
             ModelSource::Gguf(path) => {
                 let mut gguf = GgufFile::open(path)?;
@@ -29,8 +33,19 @@ impl Model {
                 (decoder, tokenizer, template)
             }
             ModelSource::HfDir(dir) => {
-                let decoder = safetensors::load_decoder(dir, device)?;
                 let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+                let config: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(dir.join("config.json"))
+                        .with_context(|| format!("cannot read {}/config.json", dir.display()))?,
+                )
+                .with_context(|| format!("invalid {}/config.json", dir.display()))?;
+                let decoder = if llava::is_llava_config(&config) {
+                    let (decoder, v) = llava::load(dir, &tokenizer, device)?;
+                    vision = Some(v);
+                    decoder
+                } else {
+                    safetensors::load_decoder(dir, device)?
+                };
                 let template = ChatTemplate::source_from_hf_dir(dir)?;
                 (decoder, tokenizer, template)
             }
@@ -53,10 +68,12 @@ impl Model {
             tokenizer,
             chat_template,
             source: source.clone(),
+            vision,
         })
     }
 
-    /// Token ids of a chat conversation, ready for generation.
+    /// Token ids of a chat conversation, ready for generation. On a VLM, each image stands
+    /// as one image token (see [`Vision::expand_image_tokens`]).
     pub fn chat_prompt(&self, messages: &[serde_json::Value]) -> Result<Vec<u32>> {
         let text = self.chat_template.render(messages, true)?;
         // The template writes BOS and other specials itself, as in HF's apply_chat_template.

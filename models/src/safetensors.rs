@@ -19,19 +19,43 @@ pub fn load_decoder(dir: &Path, device: &Device) -> Result<Decoder> {
         .with_context(|| format!("cannot read {}", config_path.display()))?;
     let cfg = DecoderConfig::from_hf_json(&text)
         .with_context(|| format!("in {}", config_path.display()))?;
+    decoder_from(cfg, &open(dir)?, "", device)
+}
+
+/// Memory-maps every weight file of an HF directory.
+pub(crate) fn open(dir: &Path) -> Result<MmapedSafetensors> {
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every mmap-based loader we rely on
     // them not being modified while the model is loading.
-    let st = unsafe { MmapedSafetensors::multi(&files)? };
+    Ok(unsafe { MmapedSafetensors::multi(&files)? })
+}
+
+/// A decoder whose tensors carry `prefix` before their usual HF names (a VLM's language
+/// model: `language_model.` in llava-hf checkpoints).
+pub(crate) fn decoder_from(
+    cfg: DecoderConfig,
+    st: &MmapedSafetensors,
+    prefix: &str,
+    device: &Device,
+) -> Result<Decoder> {
     let rope = Rope::new(&cfg, None);
     build_decoder(
         cfg,
         rope,
         &mut SafetensorsSource {
             st,
+            prefix,
             device: device.clone(),
         },
     )
+}
+
+/// A dense f32 tensor of a checkpoint.
+pub(crate) fn tensor(st: &MmapedSafetensors, name: &str, device: &Device) -> Result<Tensor> {
+    let t = st
+        .load(name, device)
+        .with_context(|| format!("safetensors tensor `{name}`"))?;
+    Ok(t.to_dtype(DType::F32)?)
 }
 
 /// The safetensors files of a checkpoint: from its shard index, or every `*.safetensors`.
@@ -59,38 +83,37 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-struct SafetensorsSource {
-    st: MmapedSafetensors,
+struct SafetensorsSource<'a> {
+    st: &'a MmapedSafetensors,
+    prefix: &'a str,
     device: Device,
 }
 
-impl WeightSource for SafetensorsSource {
+impl WeightSource for SafetensorsSource<'_> {
     fn vector(&mut self, name: &str) -> Result<Tensor> {
-        let t = self
-            .st
-            .load(name, &self.device)
-            .with_context(|| format!("safetensors tensor `{name}`"))?;
-        Ok(t.to_dtype(DType::F32)?)
+        tensor(self.st, name, &self.device)
     }
 
     fn embedding(&mut self) -> Result<Embedding> {
-        Ok(Embedding::Dense(self.vector(&WeightName::Embedding.hf())?))
+        Ok(Embedding::Dense(
+            self.vector(&self.name(WeightName::Embedding))?,
+        ))
     }
 
     fn linear(&mut self, name: WeightName, bias: Option<String>) -> Result<Linear> {
-        let weight = self.vector(&name.hf())?;
+        let weight = self.vector(&self.name(name))?;
         let bias = bias.map(|b| self.vector(&b)).transpose()?;
         Ok(Linear::dense(weight, bias))
     }
 
     fn tied_lm_head(&mut self) -> Result<Linear> {
         Ok(Linear::dense(
-            self.vector(&WeightName::Embedding.hf())?,
+            self.vector(&self.name(WeightName::Embedding))?,
             None,
         ))
     }
 
     fn name(&self, name: WeightName) -> String {
-        name.hf()
+        format!("{}{}", self.prefix, name.hf())
     }
 }

@@ -157,6 +157,12 @@ enum ModelsCommand {
     Fetch,
     /// Write a dequantized Hugging Face directory from a GGUF file.
     Convert { gguf: PathBuf, out_dir: PathBuf },
+    /// Write a tiny random-weight LLaVA (llava-hf format) for tests: same seed, same bytes.
+    MakeTinyVlm {
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -254,6 +260,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models(ModelsCommand::Convert { gguf, out_dir }) => {
             attune_models::convert::gguf_to_hf_dir(&gguf, &out_dir)?;
+            println!("wrote {}", out_dir.display());
+        }
+        Command::Models(ModelsCommand::MakeTinyVlm { out_dir, seed }) => {
+            attune_models::vision::tiny_llava::write(&out_dir, seed)?;
             println!("wrote {}", out_dir.display());
         }
         Command::Generate(args) => run_generate(&load_first_model()?, args)?,

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub intervention_requests: IntCounterVec,
     pub intervention_hook_seconds: prometheus::CounterVec,
     pub step_duration: Histogram,
+    pub image_encode_duration: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -74,6 +75,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(step_duration.clone()))
+            .expect("unique metric");
+        let image_encode_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "attune_image_encode_seconds",
+                "Time the vision tower and projector take for one sequence's images.",
+            )
+            .buckets(latency()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(image_encode_duration.clone()))
             .expect("unique metric");
         Self {
             requests: counter(
@@ -137,6 +149,7 @@ impl Metrics {
             ),
             intervention_hook_seconds: hook_seconds,
             step_duration,
+            image_encode_duration,
             registry,
         }
     }

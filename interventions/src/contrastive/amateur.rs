@@ -108,6 +108,7 @@ impl Intervention for AmateurContrast {
                 BranchPrompt::Same
             },
             model: Some(self.amateur_model.clone()),
+            image_noise: None,
         }]
     }
 }

@@ -4,9 +4,10 @@
 //! the repetition penalty on those scores, as HF's `_dola_decoding` orders it.
 
 use super::{default_alpha, log_softmax};
+use crate::capture::CaptureLastRow;
 use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, LogitsProcessor, ModelShape};
-use attune_models::{Decoder, HookPoint, RowSite, SequenceHooks};
+use attune_models::Decoder;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -153,30 +154,6 @@ impl Intervention for Dola {
             })),
             report: None,
         }
-    }
-}
-
-/// Keeps the last row of the residual stream at each candidate depth.
-struct CaptureLastRow {
-    layers: Vec<usize>,
-    captured: Arc<Mutex<Vec<Option<Tensor>>>>,
-}
-
-impl SequenceHooks for CaptureLastRow {
-    fn wants(&self, point: HookPoint, layer: usize) -> bool {
-        point == HookPoint::Residual && self.layers.contains(&layer)
-    }
-
-    fn residual(&mut self, site: &RowSite, hidden: Tensor) -> Result<Tensor> {
-        let rows = hidden.dim(0)?;
-        let last = hidden.narrow(0, rows - 1, 1)?;
-        let mut captured = self.captured.lock().expect("not poisoned");
-        for (slot, &l) in captured.iter_mut().zip(&self.layers) {
-            if l == site.layer {
-                *slot = Some(last.clone());
-            }
-        }
-        Ok(hidden)
     }
 }
 

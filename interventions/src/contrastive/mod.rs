@@ -5,21 +5,25 @@
 //! - `amateur`: another served model that shares the tokenizer, run as a branch on that model
 //!   ([`AmateurContrast`]).
 //!
+//! - `image_noise` (VCD): the same prompt with the request's images noised, run as a branch
+//!   ([`ImageNoiseContrast`]); needs a VLM and an image.
+//!
 //! The two-branch modes combine their logits by the spec's unified step ([`Contrast`]).
-//! `image_noise` (VCD) needs a VLM and is refused until one is served.
 
 mod amateur;
 mod dola;
+mod image_noise;
 mod pair;
 mod prompt;
 
 pub use amateur::AmateurContrast;
 pub use dola::{dola_bucket, dola_scores, js_divergence, Dola, LayerChoice};
+pub use image_noise::{ImageNoise, ImageNoiseContrast};
 pub use pair::{Contrast, Rule, Space};
 pub use prompt::PromptContrast;
 
 use crate::params::InterventionError;
-use crate::{Intervention, ModelShape};
+use crate::{Intervention, ModelKind, ModelShape};
 use serde_json::Value;
 
 /// Parses any `contrastive_decoding` request by its `mode`.
@@ -35,6 +39,9 @@ pub fn from_request(
         Some("dola") => Ok(Box::new(Dola::from_request(params, shape)?)),
         Some("prompt") => Ok(Box::new(PromptContrast::from_request(params)?)),
         Some("amateur") => Ok(Box::new(AmateurContrast::from_request(params)?)),
+        Some("image_noise") if shape.kind == ModelKind::Vlm => {
+            Ok(Box::new(ImageNoiseContrast::from_request(params)?))
+        }
         Some("image_noise") => Err(InterventionError::new(
             "mode",
             "`image_noise` (VCD) contrasts with a noised copy of the request's image and needs \

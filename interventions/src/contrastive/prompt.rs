@@ -109,6 +109,7 @@ impl Intervention for PromptContrast {
         vec![Branch {
             prompt,
             model: None,
+            image_noise: None,
         }]
     }
 }

@@ -15,6 +15,7 @@ pub fn tiny_shape() -> ModelShape {
 pub fn smollm2_shape() -> ModelShape {
     ModelShape {
         num_layers: 30,
+        hidden_size: 576,
         num_heads: 9,
         num_kv_heads: 3,
         tied_embeddings: true,

@@ -2,6 +2,7 @@
 
 pub mod error;
 mod handlers;
+mod images;
 pub mod openapi;
 pub mod state;
 pub mod types;

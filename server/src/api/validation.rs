@@ -2,6 +2,7 @@
 //! names the field. Handlers never look at raw request fields themselves.
 
 use crate::api::error::ApiError;
+use crate::api::images;
 use crate::api::state::AppState;
 use crate::api::types::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart, DetokenizeRequest,
@@ -12,6 +13,7 @@ use crate::sampling::SamplingParams;
 use crate::sequence::GenerationParams;
 use attune_interventions::{BranchPrompt, Intervention, ModelKind, ModelShape};
 use attune_models::Model;
+use candle_core::Tensor;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -52,10 +54,9 @@ pub fn chat(state: &AppState, req: ChatCompletionRequest) -> Result<ValidatedReq
             ));
         }
     }
-    let messages = chat_messages(&req.messages, req.model.as_deref())?;
-    let prompt = model
-        .chat_prompt(&messages)
-        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?;
+    let (messages, images) = chat_messages(state, model, &req.messages, req.model.as_deref())?;
+    let prompt = chat_tokens(model, &messages, images.len())
+        .map_err(|e| ApiError::invalid("messages", e))?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -83,6 +84,7 @@ pub fn chat(state: &AppState, req: ChatCompletionRequest) -> Result<ValidatedReq
         logprobs,
         score_token_ids: &req.score_token_ids,
         prompt_param: "messages",
+        images,
     };
     finish(
         base,
@@ -125,6 +127,7 @@ pub fn completion(state: &AppState, req: CompletionRequest) -> Result<ValidatedR
         logprobs,
         score_token_ids: &req.score_token_ids,
         prompt_param: "prompt",
+        images: Vec::new(),
     };
     finish(
         base,
@@ -147,6 +150,8 @@ struct Common<'a> {
     logprobs: Option<usize>,
     score_token_ids: &'a [u32],
     prompt_param: &'static str,
+    /// The request's images as pixel values, in prompt order.
+    images: Vec<Tensor>,
 }
 
 /// What a prompt was made from, so that contrast branches can be made from it too.
@@ -175,6 +180,22 @@ fn finish(
     let context = c.model.decoder.config().max_position_embeddings;
     let score_tokens = score_tokens(c.state, c.model, c.score_token_ids)?;
     let (parsed, other_models) = parse_interventions(c.state, c.model, interventions)?;
+    if c.images.is_empty() {
+        if let Some(i) = parsed.iter().position(|i| i.needs_image()) {
+            return Err(ApiError::invalid(
+                format!("interventions[{i}]"),
+                format!(
+                    "`{}` works on the request's image, and this request has none",
+                    parsed[i].name()
+                ),
+            ));
+        }
+    } else if !other_models.is_empty() {
+        return Err(ApiError::invalid(
+            "interventions",
+            "Contrast with another model is not supported on requests with images",
+        ));
+    }
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     for (prompt, source) in prompts {
@@ -221,6 +242,7 @@ fn finish(
             &other_models,
             &source,
             &prompt,
+            &c.images,
             max_tokens,
         )?;
         for i in 0..n {
@@ -228,6 +250,7 @@ fn finish(
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
             choices.push(ChoiceSpec {
                 prompt: prompt.clone(),
+                images: c.images.clone(),
                 params: GenerationParams {
                     max_tokens,
                     stop: stop.clone(),
@@ -312,10 +335,9 @@ pub fn tokenize(
             .encode(prompt, req.add_special_tokens)
             .map_err(|e| ApiError::invalid("prompt", format!("{e:#}")))?,
         (None, Some(messages)) => {
-            let messages = chat_messages(messages, req.model.as_deref())?;
-            model
-                .chat_prompt(&messages)
-                .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?
+            let (messages, images) = chat_messages(state, model, messages, req.model.as_deref())?;
+            chat_tokens(model, &messages, images.len())
+                .map_err(|e| ApiError::invalid("messages", e))?
         }
         _ => {
             return Err(ApiError::invalid(
@@ -362,7 +384,11 @@ fn parse_interventions(
         ));
     }
     let cfg = model.decoder.config();
-    let shape = ModelShape::of(cfg, ModelKind::Llm);
+    let kind = match model.vision {
+        Some(_) => ModelKind::Vlm,
+        None => ModelKind::Llm,
+    };
+    let shape = ModelShape::of(cfg, kind);
     let parsed = attune_interventions::parse_all(specs, &shape)
         .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))?;
     let mut others = Vec::new();
@@ -498,63 +524,86 @@ fn bounded(field: &str, v: u64, lo: u64, hi: u64) -> Result<u64, ApiError> {
     }
 }
 
-/// Messages as the chat template sees them: roles checked, text parts joined, images refused
-/// (no vision model is served yet).
-fn chat_messages(messages: &[ChatMessage], model: Option<&str>) -> Result<Vec<Value>, ApiError> {
+/// Messages as the chat template sees them, and the request's images as pixel values. Text
+/// models get each message's text parts joined; vision-language models get content parts
+/// (`{"type": "text", "text"}` and `{"type": "image"}`, as HF processors' templates expect).
+fn chat_messages(
+    state: &AppState,
+    model: &Model,
+    messages: &[ChatMessage],
+    model_id: Option<&str>,
+) -> Result<(Vec<Value>, Vec<Tensor>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "At least one message is required",
         ));
     }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(
-                        format!("messages[{i}].role"),
-                        format!(
-                            "Unsupported role `{other}` (use system, developer, user or assistant)"
-                        ),
-                    ))
+    let limits = &state.limits;
+    let mut images = Vec::new();
+    let mut rendered = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "Unsupported role `{other}` (use system, developer, user or assistant)"
+                    ),
+                ))
+            }
+        };
+        let parts: Vec<ContentPart> = match &m.content {
+            None if role == "assistant" => Vec::new(),
+            None => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    "is required",
+                ))
+            }
+            Some(MessageContent::Text(t)) => vec![ContentPart::Text { text: t.clone() }],
+            Some(MessageContent::Parts(parts)) => parts.clone(),
+        };
+        let mut texts = Vec::with_capacity(parts.len());
+        let mut content = Vec::with_capacity(parts.len());
+        for (j, part) in parts.iter().enumerate() {
+            let field = format!("messages[{i}].content[{j}]");
+            match part {
+                ContentPart::Text { text } => {
+                    texts.push(text.as_str());
+                    content.push(json!({"type": "text", "text": text}));
                 }
-            };
-            let content = match &m.content {
-                None if role == "assistant" => String::new(),
-                None => {
-                    return Err(ApiError::invalid(
-                        format!("messages[{i}].content"),
-                        "is required",
-                    ))
-                }
-                Some(MessageContent::Text(t)) => t.clone(),
-                Some(MessageContent::Parts(parts)) => {
-                    let mut texts = Vec::with_capacity(parts.len());
-                    for (j, part) in parts.iter().enumerate() {
-                        match part {
-                            ContentPart::Text { text } => texts.push(text.as_str()),
-                            ContentPart::ImageUrl { .. } => {
-                                return Err(ApiError::invalid(
-                                    format!("messages[{i}].content[{j}]"),
-                                    format!(
-                                        "The model `{}` is text-only and cannot take image inputs",
-                                        model.unwrap_or("default")
-                                    ),
-                                ))
-                            }
-                        }
+                ContentPart::ImageUrl { image_url } => {
+                    let Some(vision) = &model.vision else {
+                        return Err(ApiError::invalid(
+                            field,
+                            format!(
+                                "The model `{}` is text-only and cannot take image inputs",
+                                model_id.unwrap_or("default")
+                            ),
+                        ));
+                    };
+                    if images.len() == limits.max_images {
+                        return Err(ApiError::invalid(
+                            field,
+                            format!("At most {} images per request", limits.max_images),
+                        ));
                     }
-                    texts.join("\n")
+                    images.push(images::pixel_values(image_url, &field, vision, limits)?);
+                    content.push(json!({"type": "image"}));
                 }
-            };
-            Ok(json!({"role": role, "content": content}))
-        })
-        .collect()
+            }
+        }
+        let content = match model.vision {
+            Some(_) => Value::Array(content),
+            None => Value::String(texts.join("\n")),
+        };
+        rendered.push(json!({"role": role, "content": content}));
+    }
+    Ok((rendered, images))
 }
 
 fn completion_prompts(
@@ -601,14 +650,25 @@ fn branches(
     other_models: &OtherModels,
     source: &PromptSource,
     prompt: &[u32],
+    images: &[Tensor],
     max_tokens: usize,
 ) -> Result<Vec<BranchSpec>, ApiError> {
     let mut out = Vec::new();
     for (i, intervention) in interventions.iter().enumerate() {
         let param = format!("interventions[{i}]");
         for branch in intervention.branches() {
-            let tokens = branch_tokens(model, source, prompt, &branch.prompt)
+            let tokens = branch_tokens(model, source, prompt, images.len(), &branch.prompt)
                 .map_err(|e| ApiError::invalid(&param, e))?;
+            // A branch shows the images its prompt has room for (noised for VCD).
+            let branch_images = match (&model.vision, branch.image_noise) {
+                (Some(vision), _) if vision.count_images(&tokens) == 0 => Vec::new(),
+                (_, Some(noise)) => images
+                    .iter()
+                    .map(|p| noise.apply(p))
+                    .collect::<candle_core::Result<_>>()
+                    .map_err(|e| ApiError::internal(format!("image noise failed: {e}")))?,
+                _ => images.to_vec(),
+            };
             if tokens.is_empty() {
                 return Err(ApiError::invalid(&param, "The contrast prompt is empty"));
             }
@@ -646,6 +706,7 @@ fn branches(
             out.push(BranchSpec {
                 prompt: tokens,
                 model: runs_on,
+                images: branch_images,
             });
         }
     }
@@ -657,16 +718,19 @@ fn branch_tokens(
     model: &Model,
     source: &PromptSource,
     prompt: &[u32],
+    images: usize,
     branch: &BranchPrompt,
 ) -> Result<Vec<u32>, String> {
     let rendered = match (branch, source) {
         (BranchPrompt::Same, _) => return Ok(prompt.to_vec()),
         (BranchPrompt::LastToken, _) => return Ok(prompt[prompt.len() - 1..].to_vec()),
         (BranchPrompt::Replace(text), PromptSource::Chat(messages)) => {
-            return with_last_user(model, messages, |_| text.clone())
+            return with_last_user(model, messages, images, |_| text.clone())
         }
         (BranchPrompt::Prefix(prefix), PromptSource::Chat(messages)) => {
-            return with_last_user(model, messages, |content| format!("{prefix}{content}"))
+            return with_last_user(model, messages, images, |content| {
+                format!("{prefix}{content}")
+            })
         }
         (BranchPrompt::Replace(text), PromptSource::Text(_) | PromptSource::Tokens) => {
             model.completion_prompt(text)
@@ -684,10 +748,11 @@ fn branch_tokens(
     rendered.map_err(|e| format!("{e:#}"))
 }
 
-/// The chat prompt with the last user message's text rewritten.
+/// The chat prompt with the last user message's text rewritten (its images stay).
 fn with_last_user(
     model: &Model,
     messages: &[Value],
+    images: usize,
     rewrite: impl FnOnce(&str) -> String,
 ) -> Result<Vec<u32>, String> {
     let mut messages = messages.to_vec();
@@ -696,7 +761,30 @@ fn with_last_user(
         .rev()
         .find(|m| m["role"] == "user")
         .ok_or("A contrast prompt needs a user message to change")?;
-    let content = rewrite(last_user["content"].as_str().unwrap_or_default());
-    last_user["content"] = Value::String(content);
-    model.chat_prompt(&messages).map_err(|e| format!("{e:#}"))
+    match &mut last_user["content"] {
+        Value::Array(parts) => {
+            let text: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+            let rewritten = rewrite(&text.join("\n"));
+            parts.retain(|p| p["type"] != "text");
+            parts.push(json!({"type": "text", "text": rewritten}));
+        }
+        content => *content = Value::String(rewrite(content.as_str().unwrap_or_default())),
+    }
+    chat_tokens(model, &messages, images)
+}
+
+/// Token ids of chat messages; on a VLM each image's token is repeated once per embedding row
+/// of the image, after checking that the template placed one per image.
+fn chat_tokens(model: &Model, messages: &[Value], images: usize) -> Result<Vec<u32>, String> {
+    let tokens = model.chat_prompt(messages).map_err(|e| format!("{e:#}"))?;
+    let Some(vision) = &model.vision else {
+        return Ok(tokens);
+    };
+    let placed = vision.count_images(&tokens);
+    if placed != images {
+        return Err(format!(
+            "The chat template placed {placed} image tokens for {images} images"
+        ));
+    }
+    Ok(vision.expand_image_tokens(&tokens))
 }

@@ -10,9 +10,9 @@ mod timed_hooks;
 
 use crate::metrics::Metrics;
 use crate::sequence::{GenerationParams, Sequence, StepOutput};
-use attune_interventions::{Intervention, LogitsProcessor};
+use attune_interventions::{Intervention, LogitsProcessor, PromptView};
 use attune_models::{HookStack, KvCache, Model, SequenceHooks};
-use candle_core::Result as CandleResult;
+use candle_core::{Result as CandleResult, Tensor};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -23,6 +23,8 @@ use tokio::sync::mpsc::UnboundedSender;
 /// One choice of a request: its prompt and settings (`n` > 1 or a list of prompts gives several).
 pub struct ChoiceSpec {
     pub prompt: Vec<u32>,
+    /// The prompt's images as pixel values, in order (VLMs).
+    pub images: Vec<Tensor>,
     pub params: GenerationParams,
     /// The interventions' contrast branches, in intervention order.
     pub branches: Vec<BranchSpec>,
@@ -34,6 +36,8 @@ pub struct BranchSpec {
     pub prompt: Vec<u32>,
     /// Another served model (contrastive decoding's amateur); `None`: the request's model.
     pub model: Option<Arc<Model>>,
+    /// The images of its prompt as pixel values (VCD's are noised).
+    pub images: Vec<Tensor>,
 }
 
 pub struct GenerationRequest {
@@ -136,6 +140,8 @@ impl Engine {
 /// run in the same step (in the same batch when it runs on the same model).
 struct Branch {
     prompt: Vec<u32>,
+    /// Input embeddings of a prompt with images.
+    embeddings: Option<Tensor>,
     model: Option<Arc<Model>>,
     cache: KvCache,
 }
@@ -144,6 +150,8 @@ struct Branch {
 struct Running {
     choice: usize,
     seq: Sequence,
+    /// Input embeddings of a prompt with images (image features merged in).
+    prompt_embeddings: Option<Tensor>,
     hooks: Option<HookStack>,
     branches: Vec<Branch>,
     /// Steps the prompts (the sequence's and its branches') are prefilled over, and how many
@@ -241,13 +249,23 @@ impl Scheduler {
         request: &GenerationRequest,
     ) -> CandleResult<Running> {
         let decoder = &self.model.decoder;
+        let prompt_embeddings = self.prompt_embeddings(&spec.prompt, &spec.images)?;
+        let image_spans = match &self.model.vision {
+            Some(vision) if !spec.images.is_empty() => vision.image_spans(&spec.prompt),
+            _ => Vec::new(),
+        };
+        let prompt = PromptView {
+            tokens: &spec.prompt,
+            embeddings: prompt_embeddings.as_ref(),
+            image_spans: &image_spans,
+        };
         let mut hook_time = Vec::new();
         let mut hooks = Vec::new();
         let mut processors = Vec::new();
         let mut reports = serde_json::Map::new();
         let mut first_branch = 0;
         for intervention in request.interventions.iter() {
-            let installed = intervention.install_for(decoder, &spec.prompt)?;
+            let installed = intervention.install_for(decoder, &prompt)?;
             if let Some(inner) = installed.hooks {
                 let spent = Arc::new(AtomicU64::new(0));
                 hook_time.push((intervention.name(), spent.clone()));
@@ -276,12 +294,15 @@ impl Scheduler {
         let branches = spec
             .branches
             .into_iter()
-            .map(|b| Branch {
-                cache: b.model.as_ref().map_or(decoder, |m| &m.decoder).new_cache(),
-                prompt: b.prompt,
-                model: b.model,
+            .map(|b| {
+                Ok(Branch {
+                    cache: b.model.as_ref().map_or(decoder, |m| &m.decoder).new_cache(),
+                    embeddings: self.prompt_embeddings(&b.prompt, &b.images)?,
+                    prompt: b.prompt,
+                    model: b.model,
+                })
             })
-            .collect();
+            .collect::<CandleResult<_>>()?;
         let seq = Sequence::new(
             spec.prompt,
             spec.params,
@@ -292,6 +313,7 @@ impl Scheduler {
         Ok(Running {
             choice,
             seq,
+            prompt_embeddings,
             hooks: (!hooks.is_empty()).then(|| HookStack(hooks)),
             branches,
             prefill_pieces,
@@ -303,6 +325,21 @@ impl Scheduler {
             arrived: request.arrived,
             last_token: None,
         })
+    }
+
+    /// Input embeddings of a prompt with images: the vision tower's features in the image
+    /// tokens' rows. `None` for a text prompt.
+    fn prompt_embeddings(&self, prompt: &[u32], images: &[Tensor]) -> CandleResult<Option<Tensor>> {
+        let Some(vision) = self.model.vision.as_ref().filter(|_| !images.is_empty()) else {
+            return Ok(None);
+        };
+        let start = Instant::now();
+        let decoder = &self.model.decoder;
+        let features = vision.encode(images, decoder.device())?;
+        self.metrics
+            .image_encode_duration
+            .observe(start.elapsed().as_secs_f64());
+        vision.merge(decoder, prompt, &features).map(Some)
     }
 
     /// One decoder step for the whole batch, then sampling and events per sequence.

@@ -4,7 +4,7 @@
 
 use super::Running;
 use attune_models::{DecoderInput, LogitsFor, Model, SequenceHooks, SequenceStep};
-use candle_core::Result as CandleResult;
+use candle_core::{Result as CandleResult, Tensor};
 
 /// Last-position logits of a running sequence and of each of its branches.
 pub struct StepLogits {
@@ -12,11 +12,22 @@ pub struct StepLogits {
     pub branches: Vec<Vec<f32>>,
 }
 
-/// Piece `index` of `tokens` cut into `pieces` nearly equal parts (early ones may be empty; the
-/// last never is).
-fn piece(tokens: &[u32], pieces: usize, index: usize) -> &[u32] {
+/// Piece `index` of a prompt cut into `pieces` nearly equal parts (early ones may be empty;
+/// the last never is): its tokens, or its rows of the input embeddings when it has images.
+fn piece(
+    tokens: &[u32],
+    embeddings: Option<&Tensor>,
+    pieces: usize,
+    index: usize,
+) -> CandleResult<DecoderInput> {
     let n = tokens.len();
-    &tokens[n * index / pieces..n * (index + 1) / pieces]
+    let range = n * index / pieces..n * (index + 1) / pieces;
+    Ok(match embeddings {
+        Some(e) if !range.is_empty() => {
+            DecoderInput::Embeddings(e.narrow(0, range.start, range.len())?)
+        }
+        _ => DecoderInput::Tokens(tokens[range].to_vec()),
+    })
 }
 
 /// Runs the decoder on `running` and their branches: everything on the engine's model in one
@@ -42,26 +53,25 @@ pub fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<Optio
         };
         let last = r.seq.generated().last().copied();
         // A branch starts with its own prompt, then follows the main sequence's tokens.
-        let input = |prompt: &[u32]| -> Vec<u32> {
+        let input = |prompt: &[u32], embeddings: Option<&Tensor>| -> CandleResult<DecoderInput> {
             if prefilling {
-                piece(prompt, pieces, done).to_vec()
+                piece(prompt, embeddings, pieces, done)
             } else {
-                last.into_iter().collect()
+                Ok(DecoderInput::Tokens(last.into_iter().collect()))
             }
         };
-        let main_input = input(r.seq.prompt());
-        if main_input.is_empty() {
+        let main_input = input(r.seq.prompt(), r.prompt_embeddings.as_ref())?;
+        if main_input.is_empty()? {
             main_rows.push(None);
         } else {
-            let mut step = SequenceStep::new(DecoderInput::Tokens(main_input), r.seq.cache_mut())
-                .with_logits(logits);
+            let mut step = SequenceStep::new(main_input, r.seq.cache_mut()).with_logits(logits);
             step.hooks = r.hooks.as_mut().map(|h| h as &mut dyn SequenceHooks);
             main_rows.push(Some(batches[0].len()));
             batches[0].push(step);
         }
         for b in &mut r.branches {
-            let branch_input = input(&b.prompt);
-            if branch_input.is_empty() {
+            let branch_input = input(&b.prompt, b.embeddings.as_ref())?;
+            if branch_input.is_empty()? {
                 branch_rows.push(None);
                 continue;
             }
@@ -77,10 +87,7 @@ pub fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<Optio
                 },
             };
             branch_rows.push(Some((group, batches[group].len())));
-            batches[group].push(
-                SequenceStep::new(DecoderInput::Tokens(branch_input), &mut b.cache)
-                    .with_logits(logits),
-            );
+            batches[group].push(SequenceStep::new(branch_input, &mut b.cache).with_logits(logits));
         }
     }
     let mut logits: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(batches.len());

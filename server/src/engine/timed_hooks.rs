@@ -32,6 +32,9 @@ impl SequenceHooks for TimedHooks {
     fn probs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
         self.timed(|h| h.probs(site, t))
     }
+    fn observe_head_outputs(&mut self, site: &AttentionSite, t: &Tensor) -> CandleResult<()> {
+        self.timed(|h| h.observe_head_outputs(site, t))
+    }
     fn head_outputs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
         self.timed(|h| h.head_outputs(site, t))
     }

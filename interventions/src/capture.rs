@@ -1,0 +1,30 @@
+//! A read-only hook that keeps the last row of the residual stream at chosen depths, for
+//! processors that read intermediate layers' logits (DoLa, VISTA's SLA).
+
+use attune_models::{HookPoint, RowSite, SequenceHooks};
+use candle_core::{Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// Keeps the last row of the residual stream at each depth in `layers` (slot i for layers[i]).
+pub(crate) struct CaptureLastRow {
+    pub layers: Vec<usize>,
+    pub captured: Arc<Mutex<Vec<Option<Tensor>>>>,
+}
+
+impl SequenceHooks for CaptureLastRow {
+    fn wants(&self, point: HookPoint, layer: usize) -> bool {
+        point == HookPoint::Residual && self.layers.contains(&layer)
+    }
+
+    fn residual(&mut self, site: &RowSite, hidden: Tensor) -> Result<Tensor> {
+        let rows = hidden.dim(0)?;
+        let last = hidden.narrow(0, rows - 1, 1)?;
+        let mut captured = self.captured.lock().expect("not poisoned");
+        for (slot, &l) in captured.iter_mut().zip(&self.layers) {
+            if l == site.layer {
+                *slot = Some(last.clone());
+            }
+        }
+        Ok(hidden)
+    }
+}

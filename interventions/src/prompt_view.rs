@@ -1,0 +1,63 @@
+//! What an intervention may read of a sequence's prompt when it installs itself: the tokens,
+//! the merged input embeddings of a VLM prompt with images, and where the images are.
+
+use attune_models::DecoderInput;
+use candle_core::{Result, Tensor};
+use std::ops::Range;
+
+#[derive(Clone, Copy)]
+pub struct PromptView<'a> {
+    /// The prompt tokens; each image appears as its run of image tokens.
+    pub tokens: &'a [u32],
+    /// Input embeddings (len, hidden) with image features in place, when the prompt has images.
+    pub embeddings: Option<&'a Tensor>,
+    /// Key positions of each image, in order.
+    pub image_spans: &'a [Range<usize>],
+}
+
+impl<'a> PromptView<'a> {
+    /// A text-only prompt.
+    pub fn text(tokens: &'a [u32]) -> Self {
+        Self {
+            tokens,
+            embeddings: None,
+            image_spans: &[],
+        }
+    }
+
+    pub fn has_images(&self) -> bool {
+        !self.image_spans.is_empty()
+    }
+
+    /// Decoder inputs for the prompt in pieces of at most `piece` rows (extra prefills of long
+    /// prompts keep their attention scores at piece x context).
+    pub fn pieces(&self, piece: usize) -> Result<Vec<DecoderInput>> {
+        let len = self.tokens.len();
+        (0..len)
+            .step_by(piece.max(1))
+            .map(|start| {
+                let n = piece.min(len - start);
+                Ok(match self.embeddings {
+                    Some(e) => DecoderInput::Embeddings(e.narrow(0, start, n)?),
+                    None => DecoderInput::Tokens(self.tokens[start..start + n].to_vec()),
+                })
+            })
+            .collect()
+    }
+
+    /// The prompt with every image span deleted (later positions move up): the text-only
+    /// counterpart VHR and VISTA compare against.
+    pub fn without_images(&self) -> Vec<u32> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.image_spans.iter().any(|s| s.contains(i)))
+            .map(|(_, &t)| t)
+            .collect()
+    }
+
+    /// Whether key position `j` lies in an image.
+    pub fn in_image(&self, j: usize) -> bool {
+        self.image_spans.iter().any(|s| s.contains(&j))
+    }
+}

@@ -1,0 +1,236 @@
+//! A vision-language model over HTTP: the tiny LLaVA the project generates, images as OpenAI
+//! `image_url` data URLs, the VLM interventions, mixed batches and bad images.
+
+mod common;
+
+use base64::Engine as _;
+use common::{attune_ok, Server};
+use serde_json::{json, Value};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tests/fixtures");
+
+fn data_url(file: &str) -> String {
+    let bytes = std::fs::read(format!("{FIXTURES}/clip_preprocess/{file}")).unwrap();
+    let kind = file.rsplit('.').next().unwrap();
+    format!(
+        "data:image/{kind};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+fn image_part(url: &str) -> Value {
+    json!({"type": "image_url", "image_url": {"url": url}})
+}
+
+/// A greedy chat request with `parts` as the user's content.
+fn chat(parts: Vec<Value>, interventions: Value) -> Value {
+    json!({
+        "model": "tiny-vlm",
+        "messages": [{"role": "user", "content": parts}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": true,
+        "interventions": interventions,
+    })
+}
+
+fn picture_question(file: &str) -> Vec<Value> {
+    vec![
+        image_part(&data_url(file)),
+        json!({"type": "text", "text": "What is in the picture?"}),
+    ]
+}
+
+/// The chosen tokens' log-probabilities.
+fn logprobs(body: &Value) -> Vec<f64> {
+    body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs: {body}"))
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect()
+}
+
+fn tokens(body: &Value) -> Vec<String> {
+    body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn start_tiny_vlm(extra_config: &str) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    attune_ok(&[
+        "models",
+        "make-tiny-vlm",
+        dir.path().to_str().unwrap(),
+        "--seed",
+        "0",
+    ]);
+    let config = format!(
+        "{extra_config}\n[[models]]\nid = \"tiny-vlm\"\nsource = {:?}\n",
+        dir.path()
+    );
+    (Server::start(&config, &[]), dir)
+}
+
+#[test]
+fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
+    let (server, _dir) = start_tiny_vlm("");
+    let (status, plain) = server.post(
+        "/v1/chat/completions",
+        &chat(picture_question("noise.png"), json!([])),
+    );
+    assert_eq!(status, 200, "{plain}");
+    // 16 image tokens stand for the one `<image>` of the template.
+    let (_, text_only) = server.post(
+        "/v1/chat/completions",
+        &chat(
+            vec![json!({"type": "text", "text": "What is in the picture?"})],
+            json!([]),
+        ),
+    );
+    assert_eq!(
+        plain["usage"]["prompt_tokens"].as_u64().unwrap(),
+        text_only["usage"]["prompt_tokens"].as_u64().unwrap() + "<image>\n".len() as u64 + 15,
+        "{plain}\n{text_only}"
+    );
+    let base = logprobs(&plain);
+
+    let acting = [
+        // A random model has no massive activations: a low tau makes sinks of it.
+        json!({"type": "var", "tau": 1.5, "rho": 0.0, "image_mass": 0.0}),
+        json!({"type": "vhr", "alpha": 3.0}),
+        json!({"type": "vista", "lambda": 0.5, "gamma": 0.0}),
+        json!({"type": "vista", "lambda": 0.0, "gamma": 0.5}),
+        json!({"type": "contrastive_decoding", "mode": "image_noise", "beta": 2.0, "alpha": 0.0}),
+    ];
+    for spec in acting {
+        let (status, body) = server.post(
+            "/v1/chat/completions",
+            &chat(picture_question("noise.png"), json!([spec])),
+        );
+        assert_eq!(status, 200, "{spec}: {body}");
+        let changed = logprobs(&body)
+            .iter()
+            .zip(&base)
+            .any(|(a, b)| (a - b).abs() > 1e-4)
+            || tokens(&body) != tokens(&plain);
+        assert!(changed, "{spec} left the output unchanged: {body}");
+    }
+
+    let neutral = [
+        json!({"type": "var", "tau": 1.5, "rho": 0.0, "image_mass": 0.0, "transfer_fraction": 0.0}),
+        json!({"type": "vhr", "alpha": 1.0}),
+        json!({"type": "vista", "lambda": 0.0, "gamma": 0.0}),
+        json!({"type": "contrastive_decoding", "mode": "image_noise", "beta": 0.0, "alpha": 0.0}),
+    ];
+    for spec in neutral {
+        let (status, body) = server.post(
+            "/v1/chat/completions",
+            &chat(picture_question("noise.png"), json!([spec])),
+        );
+        assert_eq!(status, 200, "{spec}: {body}");
+        assert_eq!(logprobs(&body), base, "{spec} is not the identity");
+        assert_eq!(tokens(&body), tokens(&plain));
+    }
+
+    // VHR reports the heads it reinforced; VLM methods refuse a request without an image.
+    let (_, body) = server.post(
+        "/v1/chat/completions",
+        &chat(picture_question("noise.png"), json!([{"type": "vhr"}])),
+    );
+    let heads = &body["choices"][0]["intervention_report"]["vhr"]["heads"];
+    assert_eq!(heads.as_object().unwrap().len(), 4, "{body}");
+    for spec in [
+        json!({"type": "var"}),
+        json!({"type": "vhr"}),
+        json!({"type": "vista"}),
+        json!({"type": "contrastive_decoding", "mode": "image_noise"}),
+    ] {
+        let req = chat(
+            vec![json!({"type": "text", "text": "Hello"})],
+            json!([spec]),
+        );
+        let (status, body) = server.post("/v1/chat/completions", &req);
+        assert_eq!(status, 400, "{spec}: {body}");
+        assert_eq!(body["error"]["param"], "interventions[0]", "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has none"));
+    }
+}
+
+#[test]
+fn image_requests_batch_with_text_requests_and_bad_images_are_refused() {
+    let (server, _dir) = start_tiny_vlm("[server]\nmax_images = 2\nmax_image_pixels = 10000");
+    let image_req = chat(picture_question("gradient.png"), json!([]));
+    let steered_req = chat(picture_question("gradient.png"), json!([{"type": "vhr"}]));
+    let text_req = chat(
+        vec![json!({"type": "text", "text": "Tell me a story."})],
+        json!([]),
+    );
+    let alone: Vec<Value> = [&image_req, &steered_req, &text_req]
+        .iter()
+        .map(|r| server.post("/v1/chat/completions", r).1)
+        .collect();
+    // The same requests in flight together share batched steps; greedy answers must not move.
+    for _ in 0..3 {
+        let together: Vec<Value> = std::thread::scope(|s| {
+            let handles: Vec<_> = [&image_req, &steered_req, &text_req]
+                .into_iter()
+                .map(|r| s.spawn(|| server.post("/v1/chat/completions", r).1))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (a, b) in alone.iter().zip(&together) {
+            assert_eq!(tokens(a), tokens(b), "{a}\n{b}");
+        }
+    }
+
+    let garbage = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"not an image at all")
+    );
+    let cases = [
+        (vec![image_part(&garbage)], "messages[0].content[0]"),
+        (
+            vec![
+                json!({"type": "text", "text": "Look:"}),
+                image_part("https://example.invalid/a.png"),
+            ],
+            "messages[0].content[1]",
+        ),
+        // 200 x 150 pixels are over the configured 10000.
+        (
+            vec![
+                image_part(&data_url("gradient.png")),
+                image_part(&data_url("noise.png")),
+            ],
+            "messages[0].content[1]",
+        ),
+        (
+            vec![
+                image_part(&data_url("gradient.png")),
+                image_part(&data_url("gradient.png")),
+                image_part(&data_url("gradient.png")),
+            ],
+            "messages[0].content[2]",
+        ),
+    ];
+    for (parts, param) in cases {
+        let (status, body) = server.post("/v1/chat/completions", &chat(parts, json!([])));
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+    // Still serving, and the other formats decode.
+    for file in ["gradient.png", "photo.jpg", "photo.webp", "anim.gif"] {
+        let req = chat(vec![image_part(&data_url(file))], json!([]));
+        let (status, body) = server.post("/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{file}: {body}");
+    }
+}
