@@ -84,7 +84,7 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
         &chat(picture_question("noise.png"), json!([])),
     );
     assert_eq!(status, 200, "{plain}");
-    // 16 image tokens stand for the one `<image>` of the template.
+    // The template writes `<image>\n` (two tokens); the image token becomes 16.
     let (_, text_only) = server.post(
         "/v1/chat/completions",
         &chat(
@@ -94,7 +94,7 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
     );
     assert_eq!(
         plain["usage"]["prompt_tokens"].as_u64().unwrap(),
-        text_only["usage"]["prompt_tokens"].as_u64().unwrap() + "<image>\n".len() as u64 + 15,
+        text_only["usage"]["prompt_tokens"].as_u64().unwrap() + 2 + 15,
         "{plain}\n{text_only}"
     );
     let base = logprobs(&plain);
@@ -106,6 +106,7 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
         json!({"type": "vista", "lambda": 0.5, "gamma": 0.0}),
         json!({"type": "vista", "lambda": 0.0, "gamma": 0.5}),
         json!({"type": "contrastive_decoding", "mode": "image_noise", "beta": 2.0, "alpha": 0.0}),
+        json!({"type": "carve"}),
     ];
     for spec in acting {
         let (status, body) = server.post(
@@ -135,6 +136,49 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
         assert_eq!(status, 200, "{spec}: {body}");
         assert_eq!(logprobs(&body), base, "{spec} is not the identity");
         assert_eq!(tokens(&body), tokens(&plain));
+    }
+
+    // CARVE reports its crop of the 200 x 150 image; with every pixel kept it is the image.
+    for (spec, whole) in [
+        (json!({"type": "carve"}), false),
+        (
+            json!({"type": "carve", "top_fraction": 1.0, "final_images": "refined"}),
+            true,
+        ),
+    ] {
+        let (status, body) = server.post(
+            "/v1/chat/completions",
+            &chat(picture_question("noise.png"), json!([spec])),
+        );
+        assert_eq!(status, 200, "{body}");
+        let report = &body["choices"][0]["intervention_report"]["carve"];
+        let bbox: Vec<u64> = report["bbox"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no crop: {body}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert!(bbox[0] < bbox[2] && bbox[2] <= 200 && bbox[1] < bbox[3] && bbox[3] <= 150);
+        assert!(report["steps"].as_u64().unwrap() >= 1, "{report}");
+        if whole {
+            assert_eq!(bbox, vec![0, 0, 200, 150]);
+            assert_eq!(report["regions"], 1);
+        }
+    }
+    let two_images = vec![
+        image_part(&data_url("noise.png")),
+        image_part(&data_url("gradient.png")),
+        json!({"type": "text", "text": "Which is brighter?"}),
+    ];
+    for (parts, interventions) in [
+        (two_images, json!([{"type": "carve"}])),
+        (
+            picture_question("noise.png"),
+            json!([{"type": "carve"}, {"type": "vhr"}]),
+        ),
+    ] {
+        let (status, body) = server.post("/v1/chat/completions", &chat(parts, interventions));
+        assert_eq!(status, 400, "{body}");
     }
 
     // VHR reports the heads it reinforced; VLM methods refuse a request without an image.

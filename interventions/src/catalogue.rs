@@ -1,6 +1,7 @@
 //! The catalogue served at `/v1/interventions`: every method, the models it applies to, and
 //! its parameters with types, defaults and ranges.
 
+use crate::carve::{GENERAL_PROMPT, SUFFIX};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,13 +37,6 @@ pub struct MethodInfo {
 pub fn catalogue() -> Vec<MethodInfo> {
     use serde_json::json;
     let both = || vec![ModelKind::Llm, ModelKind::Vlm];
-    let planned = |name, applies_to, description| MethodInfo {
-        name,
-        applies_to,
-        implemented: false,
-        description,
-        parameters: Vec::new(),
-    };
     vec![
         MethodInfo {
             name: "zerotuning",
@@ -545,15 +539,86 @@ pub fn catalogue() -> Vec<MethodInfo> {
                 },
             ],
         },
-        planned(
-            "carve",
-            vec![ModelKind::Vlm],
-            "CARVE: contrastive attention refinement (planned).",
-        ),
-        planned(
-            "vista",
-            vec![ModelKind::Vlm],
-            "VISTA: visual steering vector and early-layer logit augmentation (planned).",
-        ),
+        MethodInfo {
+            name: "carve",
+            applies_to: vec![ModelKind::Vlm],
+            implemented: true,
+            description: "CARVE (Ge et al. 2025), a request-level pipeline: a greedy question \
+                run and a greedy general-description run (each up to max_steps, recording the \
+                last query's head-mean attention to the image in `layers`), their step-weighted \
+                ratio upsampled to the image, its top `top_fraction` pixels grouped into \
+                4-connected regions of which the best max(min_regions, floor(n p)) are kept; the \
+                image is masked to them, cropped and enlarged (Lanczos), and the answer is \
+                generated with the original and refined images (`final_images: both`, the \
+                released code) or the refined one (`refined`, the paper). The suffix is added \
+                to the question in all runs. Regions and crop come back in \
+                `intervention_report`. One image per request; not combinable.",
+            parameters: vec![
+                ParamInfo {
+                    name: "general_prompt",
+                    kind: "string",
+                    default: json!(GENERAL_PROMPT),
+                    range: "",
+                    description: "The general run's instruction.",
+                    schema: json!({"type": "string", "default": GENERAL_PROMPT}),
+                },
+                ParamInfo {
+                    name: "suffix",
+                    kind: "string",
+                    default: json!(SUFFIX),
+                    range: "\"\" = none",
+                    description: "Appended to the question and the general instruction.",
+                    schema: json!({"type": "string", "default": SUFFIX}),
+                },
+                ParamInfo {
+                    name: "layers",
+                    kind: "array of integers | null",
+                    default: json!(null),
+                    range: "each in 0..num_layers; null = round(0.62 N)..=floor(0.8 N) (LLaVA-1.5: 20..25)",
+                    description: "Layers whose attention is recorded.",
+                    schema: json!({"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}),
+                },
+                ParamInfo {
+                    name: "lambda",
+                    kind: "number",
+                    default: json!(1e-8),
+                    range: "[0, 1e6]",
+                    description: "Added to the general attention before dividing.",
+                    schema: json!({"type": "number", "minimum": 0, "default": 1e-8}),
+                },
+                ParamInfo {
+                    name: "top_fraction",
+                    kind: "number",
+                    default: json!(0.2),
+                    range: "(0, 1]; 1 = no masking (the refined image is the original)",
+                    description: "Fraction of pixels kept before grouping into regions.",
+                    schema: json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.2}),
+                },
+                ParamInfo {
+                    name: "min_regions",
+                    kind: "integer",
+                    default: json!(3),
+                    range: ">= 0",
+                    description: "Least number of regions kept (the code's \"at least\").",
+                    schema: json!({"type": "integer", "minimum": 0, "default": 3}),
+                },
+                ParamInfo {
+                    name: "max_steps",
+                    kind: "integer",
+                    default: json!(32),
+                    range: "1..1024",
+                    description: "Most tokens of the question and general runs.",
+                    schema: json!({"type": "integer", "minimum": 1, "maximum": 1024, "default": 32}),
+                },
+                ParamInfo {
+                    name: "final_images",
+                    kind: "string",
+                    default: json!("both"),
+                    range: "\"both\" | \"refined\"",
+                    description: "Images of the answering run.",
+                    schema: json!({"enum": ["both", "refined"], "default": "both"}),
+                },
+            ],
+        },
     ]
 }

@@ -10,6 +10,7 @@
 
 pub mod act;
 mod capture;
+pub mod carve;
 mod catalogue;
 pub mod contrastive;
 mod params;
@@ -23,10 +24,12 @@ pub mod zerotuning;
 pub use catalogue::{catalogue, MethodInfo, ModelKind, ParamInfo};
 pub use contrastive::ImageNoise;
 pub use params::InterventionError;
-pub use prompt_view::PromptView;
+pub use prompt_view::{PromptView, VisionRequest};
 
 use attune_models::{Decoder, DecoderConfig, SequenceHooks};
+use candle_core::Tensor;
 use serde_json::Value;
+use std::ops::RangeInclusive;
 
 /// What an intervention needs to know about the model it runs on.
 #[derive(Debug, Clone, Copy)]
@@ -80,11 +83,24 @@ pub trait Intervention: Send + Sync {
     ) -> candle_core::Result<Installed> {
         Ok(self.install())
     }
-    /// Whether the method only makes sense on a prompt with an image (a request without one is
-    /// refused rather than silently left unchanged).
-    fn needs_image(&self) -> bool {
-        false
+    /// How many images the request may have: VLM methods need at least one (a request without
+    /// is refused rather than silently left unchanged), CARVE exactly one.
+    fn images(&self) -> RangeInclusive<usize> {
+        0..=usize::MAX
     }
+    /// Other renderings of the request's prompt the method runs itself (CARVE's question,
+    /// general and final prompts); the server renders them into [`VisionRequest::variants`].
+    fn prompt_variants(&self) -> Vec<PromptVariant> {
+        Vec::new()
+    }
+}
+
+/// A rendering of the request's chat prompt: its text changed like a branch's, and each image
+/// optionally shown twice (the second slot is filled by the method).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptVariant {
+    pub prompt: BranchPrompt,
+    pub repeat_images: bool,
 }
 
 /// A contrast branch: a sequence that starts from its own prompt and then receives every token
@@ -110,6 +126,8 @@ pub enum BranchPrompt {
     Replace(String),
     /// This text put in front of the last user message (chat) or of the prompt (completions).
     Prefix(String),
+    /// This text put after the last user message (chat) or the prompt (completions).
+    Suffix(String),
 }
 
 /// What an intervention puts on one sequence.
@@ -120,6 +138,14 @@ pub struct Installed {
     /// What the method chose for this sequence (ZeroTuning `auto`'s gamma), reported with the
     /// choice.
     pub report: Option<Value>,
+    /// A prompt to generate from instead of the request's (CARVE's final run).
+    pub prompt: Option<PromptOverride>,
+}
+
+/// A replacement prompt: its tokens and input embeddings (images merged in).
+pub struct PromptOverride {
+    pub tokens: Vec<u32>,
+    pub embeddings: Tensor,
 }
 
 impl Installed {
@@ -153,7 +179,7 @@ pub trait LogitsProcessor: Send {
     ) -> candle_core::Result<Vec<f32>>;
 }
 
-/// All method names the API accepts, implemented or not.
+/// All method names the API accepts.
 pub const METHOD_NAMES: &[&str] = &[
     "var",
     "vhr",
@@ -205,6 +231,16 @@ fn parse_with(
             }
             Ok(Box::new(var::Var::from_request(params, shape)?))
         }
+        "carve" => {
+            if others.len() > 1 {
+                return Err(InterventionError::new(
+                    "type",
+                    "`carve` cannot be combined with other interventions: it replaces the \
+                     prompt they would act on",
+                ));
+            }
+            Ok(Box::new(carve::Carve::from_request(params, shape)?))
+        }
         "vhr" => Ok(Box::new(vhr::Vhr::from_request(params, shape)?)),
         "vista" => Ok(Box::new(vista::Vista::from_request(params, shape)?)),
         "zerotuning" => Ok(Box::new(zerotuning::ZeroTuning::from_request(
@@ -226,10 +262,6 @@ fn parse_with(
                 params, shape, keep_first,
             )?))
         }
-        other if METHOD_NAMES.contains(&other) => Err(InterventionError::new(
-            "type",
-            format!("intervention `{other}` is not implemented yet in this server"),
-        )),
         other => Err(InterventionError::new(
             "type",
             format!(

@@ -1,9 +1,13 @@
 //! What an intervention may read of a sequence's prompt when it installs itself: the tokens,
 //! the merged input embeddings of a VLM prompt with images, and where the images are.
 
+use attune_models::vision::Vision;
 use attune_models::DecoderInput;
 use candle_core::{Result, Tensor};
+use image::RgbImage;
+use std::collections::BTreeSet;
 use std::ops::Range;
+use std::sync::Arc;
 
 #[derive(Clone, Copy)]
 pub struct PromptView<'a> {
@@ -13,6 +17,21 @@ pub struct PromptView<'a> {
     pub embeddings: Option<&'a Tensor>,
     /// Key positions of each image, in order.
     pub image_spans: &'a [Range<usize>],
+    /// What request-level pipelines (CARVE) need beyond the prompt, on a VLM.
+    pub request: Option<VisionRequest<'a>>,
+}
+
+/// A VLM request's images and the prompt renderings an intervention asked for.
+#[derive(Clone, Copy)]
+pub struct VisionRequest<'a> {
+    pub vision: &'a Vision,
+    /// The request's images as decoded.
+    pub images: &'a [Arc<RgbImage>],
+    /// The intervention's [`crate::Intervention::prompt_variants`], rendered to tokens with
+    /// image tokens expanded, in order.
+    pub variants: &'a [Vec<u32>],
+    /// Tokens that end a generation.
+    pub stop_ids: &'a BTreeSet<u32>,
 }
 
 impl<'a> PromptView<'a> {
@@ -22,6 +41,7 @@ impl<'a> PromptView<'a> {
             tokens,
             embeddings: None,
             image_spans: &[],
+            request: None,
         }
     }
 

@@ -14,7 +14,7 @@ use attune_models::{AttentionSite, Decoder, HookPoint, RowSite, SequenceHooks};
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,8 +152,8 @@ impl Intervention for Var {
         }))
     }
 
-    fn needs_image(&self) -> bool {
-        true
+    fn images(&self) -> RangeInclusive<usize> {
+        1..=usize::MAX
     }
 }
 

@@ -19,6 +19,7 @@ use attune_models::{
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,8 +139,8 @@ impl Intervention for Vhr {
         Ok(installed)
     }
 
-    fn needs_image(&self) -> bool {
-        true
+    fn images(&self) -> RangeInclusive<usize> {
+        1..=usize::MAX
     }
 }
 

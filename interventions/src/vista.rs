@@ -18,6 +18,7 @@ use attune_models::{
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 /// Rows per piece of the extra prefills.
@@ -201,12 +202,12 @@ impl Intervention for Vista {
         Ok(Installed {
             hooks: (!hooks.is_empty()).then(|| Box::new(HookStack(hooks)) as Box<_>),
             processor,
-            report: None,
+            ..Installed::default()
         })
     }
 
-    fn needs_image(&self) -> bool {
-        true
+    fn images(&self) -> RangeInclusive<usize> {
+        1..=usize::MAX
     }
 }
 

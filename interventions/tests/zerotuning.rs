@@ -137,7 +137,7 @@ fn bad_parameters_name_the_field() {
         err(json!({"type": "zerotuning", "layers": [2]})).starts_with("interventions[0].layers:")
     );
     assert!(err(json!({"type": "zerotuning", "gama": 2})).starts_with("interventions[0].gama:"));
-    assert!(err(json!({"type": "carve"})).contains("not implemented yet"));
+    assert!(err(json!({"type": "carve"})).contains("needs a vision-language model"));
     assert!(err(json!({"type": "nope"})).contains("unknown intervention"));
     assert!(err(json!({"gamma": 2})).starts_with("interventions[0].type:"));
     let twice = parse_all(

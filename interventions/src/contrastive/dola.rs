@@ -152,7 +152,7 @@ impl Intervention for Dola {
                 params: self.clone(),
                 captured,
             })),
-            report: None,
+            ..Installed::default()
         }
     }
 }

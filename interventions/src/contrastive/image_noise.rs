@@ -10,6 +10,7 @@ use attune_models::testing::SeededRng;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::ops::RangeInclusive;
 
 /// VCD's forward-diffusion schedule length.
 const NOISE_STEPS: usize = 1000;
@@ -147,8 +148,8 @@ impl Intervention for ImageNoiseContrast {
         }]
     }
 
-    fn needs_image(&self) -> bool {
-        true
+    fn images(&self) -> RangeInclusive<usize> {
+        1..=usize::MAX
     }
 }
 

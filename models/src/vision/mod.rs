@@ -10,11 +10,11 @@ pub mod llava;
 pub mod preprocess;
 pub mod tiny_llava;
 
+pub use image::RgbImage;
 pub use preprocess::{decode_image, ClipPreprocess, ImageError, ImageLimits};
 
 use crate::decoder::Decoder;
 use candle_core::{Device, Result, Tensor};
-use image::RgbImage;
 use std::ops::Range;
 
 /// One VLM family's image path.

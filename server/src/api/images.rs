@@ -3,18 +3,20 @@
 
 use crate::api::error::ApiError;
 use attune_config::ServerConfig;
-use attune_models::vision::{decode_image, ImageLimits, Vision};
+use attune_models::vision::{decode_image, ImageLimits, RgbImage, Vision};
 use base64::Engine as _;
 use candle_core::Tensor;
 use serde_json::Value;
+use std::sync::Arc;
 
-/// The image of one `image_url` part, ready for the vision tower: (3, height, width).
-pub fn pixel_values(
+/// The image of one `image_url` part as decoded, and ready for the vision tower:
+/// (3, height, width).
+pub fn load(
     part: &Value,
     field: &str,
     vision: &Vision,
     limits: &ServerConfig,
-) -> Result<Tensor, ApiError> {
+) -> Result<(Arc<RgbImage>, Tensor), ApiError> {
     let url = match part {
         Value::String(url) => url.as_str(),
         Value::Object(o) => o
@@ -37,10 +39,11 @@ pub fn pixel_values(
     };
     let image =
         decode_image(&bytes, &image_limits).map_err(|e| ApiError::invalid(field, e.to_string()))?;
-    vision
+    let pixels = vision
         .encoder
         .pixel_values(&image)
-        .map_err(|e| ApiError::internal(format!("image preprocessing failed: {e}")))
+        .map_err(|e| ApiError::internal(format!("image preprocessing failed: {e}")))?;
+    Ok((Arc::new(image), pixels))
 }
 
 /// The bytes of a base64 `data:` URL. Remote URLs are refused: fetching them would let

@@ -12,6 +12,7 @@ use crate::engine::{BranchSpec, ChoiceSpec, Engine};
 use crate::sampling::SamplingParams;
 use crate::sequence::GenerationParams;
 use attune_interventions::{BranchPrompt, Intervention, ModelKind, ModelShape};
+use attune_models::vision::RgbImage;
 use attune_models::Model;
 use candle_core::Tensor;
 use serde_json::{json, Value};
@@ -139,6 +140,9 @@ pub fn completion(state: &AppState, req: CompletionRequest) -> Result<ValidatedR
     )
 }
 
+/// A request image as decoded and as the processor's pixel values.
+type RequestImage = (Arc<RgbImage>, Tensor);
+
 /// The parts both endpoints check the same way.
 struct Common<'a> {
     state: &'a AppState,
@@ -150,8 +154,8 @@ struct Common<'a> {
     logprobs: Option<usize>,
     score_token_ids: &'a [u32],
     prompt_param: &'static str,
-    /// The request's images as pixel values, in prompt order.
-    images: Vec<Tensor>,
+    /// The request's images, in prompt order.
+    images: Vec<RequestImage>,
 }
 
 /// What a prompt was made from, so that contrast branches can be made from it too.
@@ -180,22 +184,27 @@ fn finish(
     let context = c.model.decoder.config().max_position_embeddings;
     let score_tokens = score_tokens(c.state, c.model, c.score_token_ids)?;
     let (parsed, other_models) = parse_interventions(c.state, c.model, interventions)?;
-    if c.images.is_empty() {
-        if let Some(i) = parsed.iter().position(|i| i.needs_image()) {
-            return Err(ApiError::invalid(
-                format!("interventions[{i}]"),
-                format!(
-                    "`{}` works on the request's image, and this request has none",
-                    parsed[i].name()
-                ),
-            ));
-        }
-    } else if !other_models.is_empty() {
+    for (i, intervention) in parsed.iter().enumerate() {
+        let range = intervention.images();
+        let name = intervention.name();
+        let problem = match c.images.len() {
+            n if range.contains(&n) => continue,
+            0 => format!("`{name}` works on the request's image, and this request has none"),
+            n => format!(
+                "`{name}` takes at most {} image(s); this request has {n}",
+                range.end()
+            ),
+        };
+        return Err(ApiError::invalid(format!("interventions[{i}]"), problem));
+    }
+    if !c.images.is_empty() && !other_models.is_empty() {
         return Err(ApiError::invalid(
             "interventions",
             "Contrast with another model is not supported on requests with images",
         ));
     }
+    let (raw_images, pixels): (Vec<Arc<RgbImage>>, Vec<Tensor>) = c.images.into_iter().unzip();
+    let images = pixels.len();
     let mut choices = Vec::new();
     let mut prompt_tokens = 0;
     for (prompt, source) in prompts {
@@ -242,15 +251,18 @@ fn finish(
             &other_models,
             &source,
             &prompt,
-            &c.images,
+            &pixels,
             max_tokens,
         )?;
+        let variants = prompt_variants(c.model, &parsed, &source, &prompt, images, max_tokens)?;
         for i in 0..n {
             let mut sampling = sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
             choices.push(ChoiceSpec {
                 prompt: prompt.clone(),
-                images: c.images.clone(),
+                images: pixels.clone(),
+                raw_images: raw_images.clone(),
+                variants: variants.clone(),
                 params: GenerationParams {
                     max_tokens,
                     stop: stop.clone(),
@@ -532,7 +544,7 @@ fn chat_messages(
     model: &Model,
     messages: &[ChatMessage],
     model_id: Option<&str>,
-) -> Result<(Vec<Value>, Vec<Tensor>), ApiError> {
+) -> Result<(Vec<Value>, Vec<RequestImage>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -592,7 +604,7 @@ fn chat_messages(
                             format!("At most {} images per request", limits.max_images),
                         ));
                     }
-                    images.push(images::pixel_values(image_url, &field, vision, limits)?);
+                    images.push(images::load(image_url, &field, vision, limits)?);
                     content.push(json!({"type": "image"}));
                 }
             }
@@ -713,6 +725,77 @@ fn branches(
     Ok(out)
 }
 
+/// Each intervention's prompt variants (CARVE's runs), rendered to tokens; checked against the
+/// context like the prompt.
+fn prompt_variants(
+    model: &Model,
+    interventions: &[Box<dyn Intervention>],
+    source: &PromptSource,
+    prompt: &[u32],
+    images: usize,
+    max_tokens: usize,
+) -> Result<Vec<Vec<Vec<u32>>>, ApiError> {
+    let context = model.decoder.config().max_position_embeddings;
+    interventions
+        .iter()
+        .enumerate()
+        .map(|(i, intervention)| {
+            let param = format!("interventions[{i}]");
+            intervention
+                .prompt_variants()
+                .iter()
+                .map(|variant| {
+                    let tokens = match (variant.repeat_images, source) {
+                        (true, PromptSource::Chat(messages)) => {
+                            let doubled = with_images_repeated(messages);
+                            branch_tokens(
+                                model,
+                                &PromptSource::Chat(doubled),
+                                prompt,
+                                2 * images,
+                                &variant.prompt,
+                            )
+                        }
+                        _ => branch_tokens(model, source, prompt, images, &variant.prompt),
+                    }
+                    .map_err(|e| ApiError::invalid(&param, e))?;
+                    if tokens.len() + max_tokens > context {
+                        return Err(ApiError::context_length(
+                            &param,
+                            format!(
+                                "The method's prompt has {} tokens; with {max_tokens} to \
+                                 generate it exceeds the model's context of {context}",
+                                tokens.len()
+                            ),
+                        ));
+                    }
+                    Ok(tokens)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Chat messages with every image part shown twice in a row.
+fn with_images_repeated(messages: &[Value]) -> Vec<Value> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if let Value::Array(parts) = &mut m["content"] {
+                *parts = parts
+                    .iter()
+                    .flat_map(|p| {
+                        let copies = if p["type"] == "image" { 2 } else { 1 };
+                        std::iter::repeat_n(p.clone(), copies)
+                    })
+                    .collect();
+            }
+            m
+        })
+        .collect()
+}
+
 /// A branch's prompt tokens, derived from the request's prompt.
 fn branch_tokens(
     model: &Model,
@@ -730,6 +813,21 @@ fn branch_tokens(
         (BranchPrompt::Prefix(prefix), PromptSource::Chat(messages)) => {
             return with_last_user(model, messages, images, |content| {
                 format!("{prefix}{content}")
+            })
+        }
+        (BranchPrompt::Suffix(suffix), PromptSource::Chat(messages)) => {
+            return with_last_user(model, messages, images, |content| {
+                format!("{content}{suffix}")
+            })
+        }
+        (BranchPrompt::Suffix(suffix), PromptSource::Text(text)) => {
+            model.completion_prompt(&format!("{text}{suffix}"))
+        }
+        (BranchPrompt::Suffix(suffix), PromptSource::Tokens) => {
+            model.tokenizer.encode(suffix, false).map(|ids| {
+                let mut all = prompt.to_vec();
+                all.extend(ids);
+                all
             })
         }
         (BranchPrompt::Replace(text), PromptSource::Text(_) | PromptSource::Tokens) => {

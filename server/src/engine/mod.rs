@@ -10,7 +10,8 @@ mod timed_hooks;
 
 use crate::metrics::Metrics;
 use crate::sequence::{GenerationParams, Sequence, StepOutput};
-use attune_interventions::{Intervention, LogitsProcessor, PromptView};
+use attune_interventions::{Intervention, LogitsProcessor, PromptView, VisionRequest};
+use attune_models::vision::RgbImage;
 use attune_models::{HookStack, KvCache, Model, SequenceHooks};
 use candle_core::{Result as CandleResult, Tensor};
 use serde_json::Value;
@@ -25,6 +26,10 @@ pub struct ChoiceSpec {
     pub prompt: Vec<u32>,
     /// The prompt's images as pixel values, in order (VLMs).
     pub images: Vec<Tensor>,
+    /// The same images as decoded (for methods that edit them: CARVE).
+    pub raw_images: Vec<Arc<RgbImage>>,
+    /// Per intervention, its prompt variants as tokens.
+    pub variants: Vec<Vec<Vec<u32>>>,
     pub params: GenerationParams,
     /// The interventions' contrast branches, in intervention order.
     pub branches: Vec<BranchSpec>,
@@ -245,27 +250,36 @@ impl Scheduler {
     fn start_choice(
         &self,
         choice: usize,
-        spec: ChoiceSpec,
+        mut spec: ChoiceSpec,
         request: &GenerationRequest,
     ) -> CandleResult<Running> {
         let decoder = &self.model.decoder;
-        let prompt_embeddings = self.prompt_embeddings(&spec.prompt, &spec.images)?;
+        let mut prompt_embeddings = self.prompt_embeddings(&spec.prompt, &spec.images)?;
         let image_spans = match &self.model.vision {
             Some(vision) if !spec.images.is_empty() => vision.image_spans(&spec.prompt),
             _ => Vec::new(),
         };
-        let prompt = PromptView {
-            tokens: &spec.prompt,
-            embeddings: prompt_embeddings.as_ref(),
-            image_spans: &image_spans,
-        };
+        let stop_ids = self.model.tokenizer.stop_ids();
         let mut hook_time = Vec::new();
         let mut hooks = Vec::new();
         let mut processors = Vec::new();
         let mut reports = serde_json::Map::new();
         let mut first_branch = 0;
-        for intervention in request.interventions.iter() {
-            let installed = intervention.install_for(decoder, &prompt)?;
+        let mut new_prompt = None;
+        for (index, intervention) in request.interventions.iter().enumerate() {
+            let prompt = PromptView {
+                tokens: &spec.prompt,
+                embeddings: prompt_embeddings.as_ref(),
+                image_spans: &image_spans,
+                request: self.model.vision.as_ref().map(|vision| VisionRequest {
+                    vision,
+                    images: &spec.raw_images,
+                    variants: spec.variants.get(index).map_or(&[], Vec::as_slice),
+                    stop_ids,
+                }),
+            };
+            let mut installed = intervention.install_for(decoder, &prompt)?;
+            new_prompt = installed.prompt.take().or(new_prompt);
             if let Some(inner) = installed.hooks {
                 let spent = Arc::new(AtomicU64::new(0));
                 hook_time.push((intervention.name(), spent.clone()));
@@ -282,6 +296,10 @@ impl Scheduler {
                 reports.insert(intervention.name().to_string(), report);
             }
             first_branch += branch_count;
+        }
+        if let Some(replacement) = new_prompt {
+            spec.prompt = replacement.tokens;
+            prompt_embeddings = Some(replacement.embeddings);
         }
         let longest = spec
             .branches
