@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_passkey;
 pub mod bench_serve;
+pub mod bench_vlm;
 pub mod engine;
 pub mod eval;
 pub mod generate;

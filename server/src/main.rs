@@ -184,6 +184,10 @@ struct BenchArgs {
     /// Recycled Attention against full attention on long passkey-retrieval prompts instead.
     #[arg(long, conflicts_with = "serve")]
     passkey: bool,
+    /// The VLM interventions against none on a vision-language model (--model DIR), through
+    /// a server started in this process.
+    #[arg(long, conflicts_with_all = ["serve", "passkey"])]
+    vlm: bool,
     /// With --passkey: prompt lengths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "4096,8192")]
     contexts: Vec<usize>,
@@ -213,7 +217,9 @@ fn main() {
     // their own output.
     let quiet = matches!(
         cli.command,
-        Command::Eval(_) | Command::Bench(BenchArgs { serve: true, .. })
+        Command::Eval(_)
+            | Command::Bench(BenchArgs { serve: true, .. })
+            | Command::Bench(BenchArgs { vlm: true, .. })
     );
     let filter = tracing_subscriber::EnvFilter::try_from_env("ATTUNE_LOG")
         .unwrap_or_else(|_| if quiet { "warn" } else { "info" }.into());
@@ -273,6 +279,14 @@ fn run(cli: Cli) -> Result<()> {
             &attune_server::bench_serve::LoadConfig {
                 concurrency: args.concurrency,
                 requests_per_stream: args.requests_per_stream.max(1),
+                max_tokens: args.max_tokens,
+            },
+        )?,
+        Command::Bench(args) if args.vlm => attune_server::bench_vlm::run(
+            &load_first_model()?,
+            config,
+            &attune_server::bench_vlm::VlmBenchConfig {
+                runs: args.runs.max(1),
                 max_tokens: args.max_tokens,
             },
         )?,
