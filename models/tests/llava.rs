@@ -1,7 +1,8 @@
 //! LLaVA against HF transformers on the tiny generated VLM (fixtures/llava_tiny.json, made by
 //! fixtures/make_llava_fixture.py), and the generator's determinism.
 
-use attune_models::vision::{decode_image, llava, tiny_llava, ImageEncoder, ImageLimits};
+use attune_models::vision::tiny_llava::{self, Shape};
+use attune_models::vision::{decode_image, llava, ImageEncoder, ImageLimits};
 use attune_models::{DecoderInput, LogitsFor, Model, ModelSource, SequenceStep};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -58,9 +59,9 @@ fn generator_is_deterministic() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    tiny_llava::write(a.path(), 0).unwrap();
-    tiny_llava::write(b.path(), 0).unwrap();
-    tiny_llava::write(c.path(), 1).unwrap();
+    tiny_llava::write(a.path(), 0, &Shape::TINY).unwrap();
+    tiny_llava::write(b.path(), 0, &Shape::TINY).unwrap();
+    tiny_llava::write(c.path(), 1, &Shape::TINY).unwrap();
     for entry in std::fs::read_dir(a.path()).unwrap() {
         let name = entry.unwrap().file_name();
         let read = |d: &Path| std::fs::read(d.join(&name)).unwrap();
@@ -78,7 +79,7 @@ fn generator_is_deterministic() {
 fn tiny_llava_matches_transformers() {
     let fx = fixture();
     let dir = tempfile::tempdir().unwrap();
-    tiny_llava::write(dir.path(), 0).unwrap();
+    tiny_llava::write(dir.path(), 0, &Shape::TINY).unwrap();
     let weights = std::fs::read(dir.path().join("model.safetensors")).unwrap();
     assert_eq!(
         format!("{:x}", Sha256::digest(&weights)),

@@ -157,12 +157,23 @@ enum ModelsCommand {
     Fetch,
     /// Write a dequantized Hugging Face directory from a GGUF file.
     Convert { gguf: PathBuf, out_dir: PathBuf },
-    /// Write a tiny random-weight LLaVA (llava-hf format) for tests: same seed, same bytes.
+    /// Write a random-weight LLaVA (llava-hf format) for tests and benchmarks: same seed,
+    /// same bytes.
     MakeTinyVlm {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// tiny: 16 image tokens, 6 layers (the tests'); bench: SmolLM2-135M's language-model
+        /// shape and a CLIP ViT-B/14 tower at 336 px (576 image tokens), about 770 MB.
+        #[arg(long, value_enum, default_value_t = VlmPreset::Tiny)]
+        preset: VlmPreset,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum VlmPreset {
+    Tiny,
+    Bench,
 }
 
 #[derive(clap::Args)]
@@ -268,8 +279,17 @@ fn run(cli: Cli) -> Result<()> {
             attune_models::convert::gguf_to_hf_dir(&gguf, &out_dir)?;
             println!("wrote {}", out_dir.display());
         }
-        Command::Models(ModelsCommand::MakeTinyVlm { out_dir, seed }) => {
-            attune_models::vision::tiny_llava::write(&out_dir, seed)?;
+        Command::Models(ModelsCommand::MakeTinyVlm {
+            out_dir,
+            seed,
+            preset,
+        }) => {
+            use attune_models::vision::tiny_llava::{write, Shape};
+            let shape = match preset {
+                VlmPreset::Tiny => Shape::TINY,
+                VlmPreset::Bench => Shape::BENCH,
+            };
+            write(&out_dir, seed, &shape)?;
             println!("wrote {}", out_dir.display());
         }
         Command::Generate(args) => run_generate(&load_first_model()?, args)?,

@@ -1,7 +1,9 @@
-//! A tiny, seeded, random-weight LLaVA written in the llava-hf directory format, for tests and
-//! benchmarks: a 3-layer CLIP tower on 56x56 images (16 image tokens), the projector, a 6-layer
-//! GQA Llama, a byte-level tokenizer with `<image>`, LLaVA-1.5's chat template and a CLIP
-//! processor config. Same seed, same bytes.
+//! A seeded, random-weight LLaVA written in the llava-hf directory format, for tests and
+//! benchmarks: a CLIP tower, the projector, a GQA Llama, a byte-level tokenizer with `<image>`,
+//! LLaVA-1.5's chat template and a CLIP processor config. Same seed and shape, same bytes.
+//! [`Shape::TINY`] (16 image tokens, 6 layers) is what the tests use; [`Shape::BENCH`] has
+//! SmolLM2-135M's language-model shape and a CLIP ViT-B/14 tower at 336 px (576 image tokens),
+//! for measuring speed at a realistic size.
 
 use crate::testing::SeededRng;
 use anyhow::Result;
@@ -10,12 +12,52 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
-pub const IMAGE_SIZE: usize = 56;
-pub const PATCH_SIZE: usize = 14;
-const VISION_HIDDEN: usize = 32;
-const VISION_LAYERS: usize = 3;
-const TEXT_HIDDEN: usize = 64;
-pub const TEXT_LAYERS: usize = 6;
+/// The sizes of a generated model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub vision_hidden: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub text_hidden: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_kv_heads: usize,
+    pub text_ffn: usize,
+    pub context: usize,
+}
+
+impl Shape {
+    pub const TINY: Shape = Shape {
+        image_size: 56,
+        patch_size: 14,
+        vision_hidden: 32,
+        vision_layers: 3,
+        vision_heads: 4,
+        text_hidden: 64,
+        text_layers: 6,
+        text_heads: 4,
+        text_kv_heads: 2,
+        text_ffn: 128,
+        context: 1024,
+    };
+
+    pub const BENCH: Shape = Shape {
+        image_size: 336,
+        patch_size: 14,
+        vision_hidden: 768,
+        vision_layers: 12,
+        vision_heads: 12,
+        text_hidden: 576,
+        text_layers: 30,
+        text_heads: 9,
+        text_kv_heads: 3,
+        text_ffn: 1536,
+        context: 4096,
+    };
+}
+
 const VOCAB: usize = 272;
 /// Token ids: specials first, then the 256 bytes, then `<image>`.
 const UNK: u32 = 0;
@@ -33,18 +75,20 @@ selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}{
 endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";
 
 /// Writes the model into `dir` (created if missing).
-pub fn write(dir: &Path, seed: u64) -> Result<()> {
+pub fn write(dir: &Path, seed: u64, shape: &Shape) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut rng = SeededRng::new(seed);
-    let tensors = weights(&mut rng)?;
+    let tensors = weights(&mut rng, shape)?;
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let size = shape.image_size;
     let files = [
-        ("config.json", config()),
+        ("config.json", config(shape)),
         ("tokenizer.json", tokenizer()),
         (
             "tokenizer_config.json",
             json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "model_max_length": 1024, "tokenizer_class": "PreTrainedTokenizerFast"}),
+                   "model_max_length": shape.context,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}),
         ),
         (
             "chat_template.json",
@@ -54,8 +98,8 @@ pub fn write(dir: &Path, seed: u64) -> Result<()> {
             "preprocessor_config.json",
             json!({
                 "image_processor_type": "CLIPImageProcessor",
-                "do_resize": true, "size": {"shortest_edge": IMAGE_SIZE}, "resample": 3,
-                "do_center_crop": true, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                "do_resize": true, "size": {"shortest_edge": size}, "resample": 3,
+                "do_center_crop": true, "crop_size": {"height": size, "width": size},
                 "do_rescale": true, "rescale_factor": 1.0 / 255.0,
                 "do_normalize": true,
                 "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -74,12 +118,12 @@ pub fn write(dir: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn config() -> serde_json::Value {
+fn config(s: &Shape) -> serde_json::Value {
     json!({
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "image_token_index": IMAGE_TOKEN,
-        "image_seq_length": (IMAGE_SIZE / PATCH_SIZE).pow(2),
+        "image_seq_length": (s.image_size / s.patch_size).pow(2),
         "projector_hidden_act": "gelu",
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default",
@@ -88,13 +132,13 @@ fn config() -> serde_json::Value {
         "text_config": {
             "model_type": "llama",
             "vocab_size": VOCAB,
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": 2 * TEXT_HIDDEN,
-            "num_hidden_layers": TEXT_LAYERS,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": TEXT_HIDDEN / 4,
-            "max_position_embeddings": 1024,
+            "hidden_size": s.text_hidden,
+            "intermediate_size": s.text_ffn,
+            "num_hidden_layers": s.text_layers,
+            "num_attention_heads": s.text_heads,
+            "num_key_value_heads": s.text_kv_heads,
+            "head_dim": s.text_hidden / s.text_heads,
+            "max_position_embeddings": s.context,
             "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0,
             "tie_word_embeddings": false,
@@ -103,20 +147,20 @@ fn config() -> serde_json::Value {
         },
         "vision_config": {
             "model_type": "clip_vision_model",
-            "hidden_size": VISION_HIDDEN,
-            "intermediate_size": 2 * VISION_HIDDEN,
-            "num_hidden_layers": VISION_LAYERS,
-            "num_attention_heads": 4,
-            "image_size": IMAGE_SIZE,
-            "patch_size": PATCH_SIZE,
+            "hidden_size": s.vision_hidden,
+            "intermediate_size": 2 * s.vision_hidden,
+            "num_hidden_layers": s.vision_layers,
+            "num_attention_heads": s.vision_heads,
+            "image_size": s.image_size,
+            "patch_size": s.patch_size,
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
-            "projection_dim": VISION_HIDDEN,
+            "projection_dim": s.vision_hidden,
         },
     })
 }
 
-fn weights(rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
+fn weights(rng: &mut SeededRng, s: &Shape) -> Result<HashMap<String, Tensor>> {
     let dev = &Device::Cpu;
     let mut t = HashMap::new();
     let mut matrix = |t: &mut HashMap<String, Tensor>, name: String, out: usize, inp: usize| {
@@ -126,7 +170,7 @@ fn weights(rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
     };
     // Vision tower (names as in llava-hf checkpoints).
     let v = "vision_tower.vision_model.";
-    let (vh, p) = (VISION_HIDDEN, PATCH_SIZE);
+    let (vh, p) = (s.vision_hidden, s.patch_size);
     matrix(
         &mut t,
         format!("{v}embeddings.patch_embedding.weight"),
@@ -135,7 +179,7 @@ fn weights(rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
     )?;
     let patch = t[&format!("{v}embeddings.patch_embedding.weight")].reshape((vh, 3, p, p))?;
     t.insert(format!("{v}embeddings.patch_embedding.weight"), patch);
-    let tokens = (IMAGE_SIZE / PATCH_SIZE).pow(2) + 1;
+    let tokens = (s.image_size / s.patch_size).pow(2) + 1;
     matrix(
         &mut t,
         format!("{v}embeddings.position_embedding.weight"),
@@ -149,7 +193,7 @@ fn weights(rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
         (format!("{v}post_layernorm.weight"), vh, 1.0, 0.1),
         (format!("{v}post_layernorm.bias"), vh, 0.0, 0.1),
     ];
-    for l in 0..VISION_LAYERS {
+    for l in 0..s.vision_layers {
         let layer = format!("{v}encoder.layers.{l}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
             matrix(&mut t, format!("{layer}.self_attn.{proj}.weight"), vh, vh)?;
@@ -165,7 +209,7 @@ fn weights(rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
         }
     }
     // Projector.
-    let th = TEXT_HIDDEN;
+    let th = s.text_hidden;
     matrix(
         &mut t,
         "multi_modal_projector.linear_1.weight".into(),
@@ -182,11 +226,11 @@ fn weights(rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
     vectors.push(("multi_modal_projector.linear_2.bias".into(), th, 0.0, 0.1));
     // Language model.
     let m = "language_model.model.";
-    let (kv, ffn) = (th / 2, 2 * th);
+    let (kv, ffn) = (th / s.text_heads * s.text_kv_heads, s.text_ffn);
     matrix(&mut t, format!("{m}embed_tokens.weight"), VOCAB, th)?;
     matrix(&mut t, "language_model.lm_head.weight".into(), VOCAB, th)?;
     vectors.push((format!("{m}norm.weight"), th, 1.0, 0.1));
-    for l in 0..TEXT_LAYERS {
+    for l in 0..s.text_layers {
         let layer = format!("{m}layers.{l}");
         matrix(&mut t, format!("{layer}.self_attn.q_proj.weight"), th, th)?;
         matrix(&mut t, format!("{layer}.self_attn.k_proj.weight"), kv, th)?;
