@@ -126,7 +126,11 @@ fn schemas() -> Value {
         "role": {"enum": ["system", "developer", "user", "assistant"]},
         "content": {"oneOf": [
             {"type": "string"},
-            {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "image_url"]}, "text": {"type": "string"}}}},
+            {"type": "array", "items": {"oneOf": [
+                {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
+                {"type": "object", "required": ["type", "image_url"], "description": "Vision-language models only; a base64 `data:image/...` URL (PNG, JPEG, WebP, GIF), within the server's image limits",
+                 "properties": {"type": {"const": "image_url"}, "image_url": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}, "detail": {"type": "string"}}}}},
+            ]}},
             {"type": "null"},
         ]},
     }}});
