@@ -28,3 +28,17 @@ impl SequenceHooks for CaptureLastRow {
         Ok(hidden)
     }
 }
+
+/// Takes every captured row (one per depth, in order) for this step; `what` names the method in
+/// the error when a depth was not reached.
+pub(crate) fn take_rows(captured: &Mutex<Vec<Option<Tensor>>>, what: &str) -> Result<Vec<Tensor>> {
+    captured
+        .lock()
+        .expect("not poisoned")
+        .iter_mut()
+        .map(|slot| {
+            slot.take()
+                .ok_or_else(|| candle_core::Error::msg(format!("{what}: a layer was not captured")))
+        })
+        .collect()
+}

@@ -9,7 +9,7 @@
 //! - SLA, self-logits augmentation: `z = gamma mean_l lm_head(h_l) + (1 - gamma) z_final`
 //!   over intermediate layers' hidden states (no final norm), before sampling.
 
-use crate::capture::CaptureLastRow;
+use crate::capture::{take_rows, CaptureLastRow};
 use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, LogitsProcessor, ModelShape, PromptView};
 use attune_models::{
@@ -296,16 +296,7 @@ impl LogitsProcessor for SelfLogitsAugmentation {
         decoder: &Decoder,
         _: &[u32],
     ) -> Result<Vec<f32>> {
-        let rows: Vec<Tensor> = self
-            .captured
-            .lock()
-            .expect("not poisoned")
-            .iter_mut()
-            .map(|slot| {
-                slot.take()
-                    .ok_or_else(|| candle_core::Error::msg("VISTA: an SLA layer was not captured"))
-            })
-            .collect::<Result<_>>()?;
+        let rows = take_rows(&self.captured, "VISTA SLA")?;
         let augmented = decoder
             .logits_from_hidden(&Tensor::cat(&rows, 0)?, false)?
             .mean(0)?

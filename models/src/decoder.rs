@@ -154,6 +154,19 @@ struct Span {
     rope: RopeTables,
 }
 
+impl Span {
+    /// The attention call of this sequence in `layer`, over all its keys.
+    fn site(&self, layer: usize) -> AttentionSite<'static> {
+        AttentionSite {
+            layer,
+            query_start: self.start,
+            query_len: self.len,
+            key_len: self.start + self.len,
+            selected_keys: None,
+        }
+    }
+}
+
 impl Decoder {
     pub fn new(
         cfg: DecoderConfig,
@@ -316,13 +329,7 @@ impl Decoder {
                     .contiguous()
             };
             let q = rows(&q, self.cfg.num_heads)?;
-            let site = AttentionSite {
-                layer: index,
-                query_start: span.start,
-                query_len: span.len,
-                key_len: span.start + span.len,
-                selected_keys: None,
-            };
+            let site = span.site(index);
             if let Some(hooks) = step.hooks_for(HookPoint::Queries, index) {
                 hooks.queries(&site, &q)?;
             }
@@ -341,14 +348,7 @@ impl Decoder {
         // Rewrites only after every sequence's outputs were observed.
         for ((step, span), out) in batch.iter_mut().zip(spans).zip(outputs.iter_mut()) {
             if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, index) {
-                let site = AttentionSite {
-                    layer: index,
-                    query_start: span.start,
-                    query_len: span.len,
-                    key_len: span.start + span.len,
-                    selected_keys: None,
-                };
-                *out = hooks.head_outputs(&site, out.clone())?;
+                *out = hooks.head_outputs(&span.site(index), out.clone())?;
             }
         }
         let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);

@@ -1,11 +1,10 @@
 //! `attune bench --serve`: load on a real server over HTTP. Streams chat requests at several
 //! concurrency levels and reports aggregate generated tokens/s and latency percentiles.
 
-use crate::local_server::{self, agent};
-use anyhow::{bail, Context, Result};
+use crate::local_server;
+use anyhow::Result;
 use attune_config::AttuneConfig;
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -110,28 +109,9 @@ fn one_request(base: &str, n: usize, max_tokens: usize) -> Result<Sample> {
         "stream_options": {"include_usage": true},
     });
     let start = Instant::now();
-    let mut response = agent()
-        .post(&format!("{base}/v1/chat/completions"))
-        .send_json(&body)
-        .context("request failed")?;
-    if response.status() != 200 {
-        bail!(
-            "server answered {}: {}",
-            response.status(),
-            response.body_mut().read_to_string()?
-        );
-    }
     let mut first_token = None;
     let mut tokens = 0;
-    for line in BufReader::new(response.body_mut().as_reader()).lines() {
-        let line = line?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let chunk: Value = serde_json::from_str(data)?;
+    local_server::stream_chunks(base, "/v1/chat/completions", &body, |chunk| {
         if first_token.is_none()
             && chunk["choices"][0]["delta"]["content"]
                 .as_str()
@@ -142,7 +122,7 @@ fn one_request(base: &str, n: usize, max_tokens: usize) -> Result<Sample> {
         if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
             tokens = n as usize;
         }
-    }
+    })?;
     let latency = start.elapsed();
     Ok(Sample {
         latency,

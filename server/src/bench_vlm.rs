@@ -3,14 +3,14 @@
 //! token (image encoding, every extra pass and the prefill), decode tokens/s, and what extra
 //! work each method does.
 
-use crate::local_server::{self, agent};
-use anyhow::{bail, Context, Result};
+use crate::local_server;
+use anyhow::{Context, Result};
 use attune_config::AttuneConfig;
 use attune_models::vision::RgbImage;
 use attune_models::Model;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Cursor};
+use std::io::Cursor;
 use std::time::Instant;
 
 /// The methods compared, with parameters that make them act, and the extra work each does.
@@ -159,27 +159,8 @@ fn one_request(
         "interventions": interventions,
     });
     let start = Instant::now();
-    let mut response = agent()
-        .post(&format!("{base}/v1/chat/completions"))
-        .send_json(&body)
-        .context("request failed")?;
-    if response.status() != 200 {
-        bail!(
-            "server answered {}: {}",
-            response.status(),
-            response.body_mut().read_to_string()?
-        );
-    }
     let (mut first, mut last, mut tokens, mut prompt_tokens) = (None, 0.0, 0usize, 0);
-    for line in BufReader::new(response.body_mut().as_reader()).lines() {
-        let line = line?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let chunk: Value = serde_json::from_str(data)?;
+    local_server::stream_chunks(base, "/v1/chat/completions", &body, |chunk| {
         // Every generated token comes with its log-probability, printable or not.
         let n = chunk["choices"][0]["logprobs"]["content"]
             .as_array()
@@ -193,7 +174,7 @@ fn one_request(
         if let Some(p) = chunk["usage"]["prompt_tokens"].as_u64() {
             prompt_tokens = p;
         }
-    }
+    })?;
     let first = first.context("no token was streamed")?;
     Ok(Sample {
         first_token_s: first,

@@ -1,8 +1,10 @@
 //! A server for the client-side commands (`attune bench --serve`, `attune eval`): one started
 //! in this process on a free loopback port, or one already running at a URL.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use attune_config::AttuneConfig;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 /// Starts `attune serve` with `config` on a free loopback port in a background thread and
@@ -52,4 +54,36 @@ pub fn agent() -> ureq::Agent {
         .http_status_as_error(false)
         .build()
         .into()
+}
+
+/// POSTs a streaming request (`"stream": true` in `body`) to `base` + `path` and hands each
+/// `data:` chunk to `on_chunk`, up to `[DONE]`; a status other than 200 is an error.
+pub fn stream_chunks(
+    base: &str,
+    path: &str,
+    body: &Value,
+    mut on_chunk: impl FnMut(&Value),
+) -> Result<()> {
+    let mut response = agent()
+        .post(&format!("{base}{path}"))
+        .send_json(body)
+        .context("request failed")?;
+    if response.status() != 200 {
+        bail!(
+            "server answered {}: {}",
+            response.status(),
+            response.body_mut().read_to_string()?
+        );
+    }
+    for line in BufReader::new(response.body_mut().as_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        on_chunk(&serde_json::from_str(data)?);
+    }
+    Ok(())
 }

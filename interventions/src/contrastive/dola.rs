@@ -4,7 +4,7 @@
 //! the repetition penalty on those scores, as HF's `_dola_decoding` orders it.
 
 use super::{default_alpha, log_softmax};
-use crate::capture::CaptureLastRow;
+use crate::capture::{take_rows, CaptureLastRow};
 use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, LogitsProcessor, ModelShape};
 use attune_models::Decoder;
@@ -170,17 +170,7 @@ impl LogitsProcessor for DolaProcessor {
         decoder: &Decoder,
         context: &[u32],
     ) -> Result<Vec<f32>> {
-        let rows: Vec<Tensor> = self
-            .captured
-            .lock()
-            .expect("not poisoned")
-            .iter_mut()
-            .map(|slot| {
-                slot.take().ok_or_else(|| {
-                    candle_core::Error::msg("DoLa: a premature layer was not captured")
-                })
-            })
-            .collect::<Result<_>>()?;
+        let rows = take_rows(&self.captured, "DoLa")?;
         let premature = decoder
             .logits_from_hidden(&Tensor::cat(&rows, 0)?, self.params.premature_final_norm)?
             .to_vec2::<f32>()?;
