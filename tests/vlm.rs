@@ -127,6 +127,8 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
         json!({"type": "vhr", "alpha": 1.0}),
         json!({"type": "vista", "lambda": 0.0, "gamma": 0.0}),
         json!({"type": "contrastive_decoding", "mode": "image_noise", "beta": 0.0, "alpha": 0.0}),
+        // Every pixel kept, no suffix, answer with the refined image alone: the plain request.
+        json!({"type": "carve", "top_fraction": 1.0, "suffix": "", "final_images": "refined"}),
     ];
     for spec in neutral {
         let (status, body) = server.post(
