@@ -57,6 +57,16 @@ impl Kernel {
         }
     }
 
+    /// Whether 8 activation rows fit its registers (AVX-512 has 32 vector registers; with
+    /// AVX2's 16, groups of 8 spill and run no faster than groups of 4).
+    fn wide_groups(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni {
+            return true;
+        }
+        false
+    }
+
     /// Every kernel this CPU can run, slowest first.
     pub fn available() -> Vec<Self> {
         #[allow(unused_mut)]
@@ -78,8 +88,11 @@ impl Kernel {
     }
 }
 
-/// Activation rows that share one unpacking of each weight block in a batched matmul.
-const SHARED_ROWS: usize = 4;
+/// Activation rows that share one unpacking of each weight block in a batched matmul: groups of
+/// 8 where the kernel has registers for them, then groups of 4, then single rows (a row's result
+/// does not depend on its group's size).
+const WIDE_GROUP: usize = 8;
+const NARROW_GROUP: usize = 4;
 
 /// A weight matrix's blocks, row-major as in the GGUF file.
 #[derive(Debug, Clone)]
@@ -292,9 +305,15 @@ impl QuantMatrix {
         }
     }
 
-    /// Weight row `r` · the [`SHARED_ROWS`] activation rows in `a` (back to back): the SIMD
-    /// kernels unpack each weight block once for all of them.
-    fn dot_shared(&self, kernel: Kernel, r: usize, a: &[BlockQ8], out: &mut [f32; SHARED_ROWS]) {
+    /// Weight row `r` · the `R` activation rows in `a` (back to back): the SIMD kernels unpack
+    /// each weight block once for all of them.
+    fn dot_shared<const R: usize>(
+        &self,
+        kernel: Kernel,
+        r: usize,
+        a: &[BlockQ8],
+        out: &mut [f32; R],
+    ) {
         let row = self.block_range(r..r + 1);
         match self.blocks.as_ref() {
             Blocks::Q4_0(b) => on_kernel!(
@@ -317,7 +336,7 @@ impl QuantMatrix {
 
     /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Output rows are split over
     /// candle's CPU worker pool; every activation row is quantized once per call and each weight
-    /// row is read once for all `m` activation rows, unpacked once per [`SHARED_ROWS`] of them.
+    /// row is read once for all `m` activation rows, unpacked once per group of them.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.cols, "activation size");
         assert_eq!(out.len(), m * self.rows, "output size");
@@ -336,17 +355,32 @@ impl QuantMatrix {
         let write = |i: usize, r: usize, value: f32| unsafe {
             *(out_addr as *mut f32).add(i * n + r) = value
         };
-        let grouped = m - m % SHARED_ROWS;
+        let wide = if kernel.wide_groups() {
+            m - m % WIDE_GROUP
+        } else {
+            0
+        };
+        let grouped = wide + (m - wide) / NARROW_GROUP * NARROW_GROUP;
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            let mut shared = [0f32; SHARED_ROWS];
+            let mut wide_out = [0f32; WIDE_GROUP];
+            let mut narrow_out = [0f32; NARROW_GROUP];
             for r in range.clone() {
-                for (g, a) in acts[..grouped * per_row]
-                    .chunks_exact(SHARED_ROWS * per_row)
+                for (g, a) in acts[..wide * per_row]
+                    .chunks_exact(WIDE_GROUP * per_row)
                     .enumerate()
                 {
-                    self.dot_shared(kernel, r, a, &mut shared);
-                    for (k, &value) in shared.iter().enumerate() {
-                        write(g * SHARED_ROWS + k, r, value);
+                    self.dot_shared(kernel, r, a, &mut wide_out);
+                    for (k, &value) in wide_out.iter().enumerate() {
+                        write(g * WIDE_GROUP + k, r, value);
+                    }
+                }
+                for (g, a) in acts[wide * per_row..grouped * per_row]
+                    .chunks_exact(NARROW_GROUP * per_row)
+                    .enumerate()
+                {
+                    self.dot_shared(kernel, r, a, &mut narrow_out);
+                    for (k, &value) in narrow_out.iter().enumerate() {
+                        write(wide + g * NARROW_GROUP + k, r, value);
                     }
                 }
             }
