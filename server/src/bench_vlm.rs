@@ -90,8 +90,8 @@ pub fn run(model: &Model, config: AttuneConfig, bench: &VlmBenchConfig) -> Resul
         bench.runs
     );
     println!("vision encode (preprocess + tower + projector, one image): {encode_ms:.2} ms\n");
-    println!("| method | extra work | prompt tokens | first token ms (encode, extra passes, prefill) | vs none | decode tok/s | vs none |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("| method | extra work | prompt tokens | first token ms (encode, extra passes, prefill) | vs none | prompt tok/s to first token | decode tok/s | vs none |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     let mut baseline: Option<(f64, f64)> = None;
     for (name, spec, extra) in METHODS {
         let spec: Value = serde_json::from_str(spec)?;
@@ -107,10 +107,11 @@ pub fn run(model: &Model, config: AttuneConfig, bench: &VlmBenchConfig) -> Resul
         let first = median(samples.iter().map(|s| s.first_token_s * 1e3).collect());
         let decode = median(samples.iter().map(|s| s.decode_tok_s).collect());
         let (base_first, base_decode) = *baseline.get_or_insert((first, decode));
+        let prompt_tokens = samples[0].prompt_tokens;
         println!(
-            "| {name} | {extra} | {} | {first:.1} | {:.2}x | {decode:.1} | {:.2}x |",
-            samples[0].prompt_tokens,
+            "| {name} | {extra} | {prompt_tokens} | {first:.1} | {:.2}x | {:.1} | {decode:.1} | {:.2}x |",
             first / base_first,
+            prompt_tokens as f64 / (first / 1e3),
             decode / base_decode
         );
     }

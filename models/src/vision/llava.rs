@@ -53,8 +53,9 @@ pub fn is_llava_config(json: &serde_json::Value) -> bool {
 /// The language model and the vision side of a LLaVA directory.
 pub fn load(dir: &Path, tokenizer: &TextTokenizer, device: &Device) -> Result<(Decoder, Vision)> {
     let (json, cfg) = read_config(dir)?;
-    let text_cfg = DecoderConfig::from_hf_json(&json["text_config"].to_string())
-        .with_context(|| format!("text_config in {}/config.json", dir.display()))?;
+    let text_cfg =
+        DecoderConfig::from_hf_json(&with_llama_defaults(&json["text_config"]).to_string())
+            .with_context(|| format!("text_config in {}/config.json", dir.display()))?;
     let st = safetensors::open(dir)?;
     let decoder = safetensors::decoder_from(text_cfg, &st, "language_model.", device)
         .context("the language model (expected tensors named `language_model.model.*`)")?;
@@ -74,6 +75,32 @@ pub fn load(dir: &Path, tokenizer: &TextTokenizer, device: &Device) -> Result<(D
             image_token_text,
         },
     ))
+}
+
+/// A `text_config` with transformers' `LlamaConfig` defaults filled in: llava-hf checkpoints
+/// list only what differs from them (llava-1.5-7b-hf gives just the vocabulary, context and
+/// norm epsilon).
+pub fn with_llama_defaults(text_config: &serde_json::Value) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+    });
+    let is_llama = matches!(text_config["model_type"].as_str(), None | Some("llama"));
+    match (config.as_object_mut(), text_config.as_object()) {
+        (Some(defaults), Some(given)) if is_llama => {
+            defaults.extend(given.clone());
+            config
+        }
+        _ => text_config.clone(),
+    }
 }
 
 /// The image path of a LLaVA directory alone (processor, tower, projector).
@@ -136,6 +163,9 @@ fn encoder_from(
     };
     preprocess.pad_to_square = cfg.image_aspect_ratio.as_deref() == Some("pad");
     let side = cfg.vision_config.image_size;
+    if !preprocess.do_center_crop {
+        bail!("preprocessor_config.json must center-crop (do_center_crop) to the tower's size");
+    }
     if preprocess.crop_height as usize != side || preprocess.crop_width as usize != side {
         bail!(
             "the processor crops to {}x{} but the vision tower takes {side}x{side}",
@@ -245,5 +275,32 @@ impl ImageEncoder for LlavaEncoder {
     fn token_grid(&self) -> (usize, usize) {
         let side = self.tower.cfg.patches_per_side();
         (side, side)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llava_1_5_text_config_takes_llama_defaults() {
+        // llava-hf/llava-1.5-7b-hf's whole text_config.
+        let given = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+            "model_type": "llama", "pad_token_id": 32001, "rms_norm_eps": 1e-05,
+            "torch_dtype": "float16", "vocab_size": 32064,
+        });
+        let cfg = DecoderConfig::from_hf_json(&with_llama_defaults(&given).to_string()).unwrap();
+        assert_eq!(
+            (
+                cfg.hidden_size,
+                cfg.num_layers,
+                cfg.num_heads,
+                cfg.num_kv_heads
+            ),
+            (4096, 32, 32, 32)
+        );
+        assert_eq!((cfg.vocab_size, cfg.max_position_embeddings), (32064, 4096));
+        assert_eq!((cfg.intermediate_size, cfg.rms_norm_eps), (11008, 1e-5));
     }
 }

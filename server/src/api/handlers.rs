@@ -104,8 +104,20 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 
 pub async fn chat_completions(State(state): Shared, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse_body(&body)?;
-    let validated = validation::chat(&state, req)?;
+    let validated = off_runtime(&state, move |s| validation::chat(s, req)).await?;
     run(state, validated, Endpoint::Chat).await
+}
+
+/// Runs a check that may decode and preprocess images on the blocking pool, so that CPU work
+/// never stalls the async workers serving other connections.
+async fn off_runtime<T: Send + 'static>(
+    state: &Arc<AppState>,
+    check: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || check(&state))
+        .await
+        .map_err(|e| ApiError::internal(format!("request validation failed: {e}")))?
 }
 
 pub async fn completions(State(state): Shared, body: Bytes) -> Result<Response, ApiError> {
@@ -117,7 +129,7 @@ pub async fn completions(State(state): Shared, body: Bytes) -> Result<Response, 
 /// vLLM's `/tokenize`: token ids of a prompt or of chat messages (through the chat template).
 pub async fn tokenize(State(state): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse_body(&body)?;
-    let (engine, tokens) = validation::tokenize(&state, req)?;
+    let (engine, tokens) = off_runtime(&state, move |s| validation::tokenize(s, req)).await?;
     let context = engine.model.decoder.config().max_position_embeddings;
     Ok(Json(
         json!({"tokens": tokens, "count": tokens.len(), "max_model_len": context}),
