@@ -139,15 +139,17 @@ impl Carve {
         }
     }
 
-    /// Runs 1 and 2 and the refinement: the refined image and what was found.
+    /// Runs 1 and 2 and the refinement: the refined image and what was found. `features` are
+    /// the image's embedding rows (the request prompt already holds them).
     pub fn refine(
         &self,
         decoder: &Decoder,
         request: &VisionRequest,
+        features: &Tensor,
     ) -> Result<(RgbImage, Refinement)> {
         let image = &request.images[0];
-        let question = self.image_attention(decoder, request, &request.variants[0])?;
-        let general = self.image_attention(decoder, request, &request.variants[1])?;
+        let question = self.image_attention(decoder, request, features, &request.variants[0])?;
+        let general = self.image_attention(decoder, request, features, &request.variants[1])?;
         let grid = request.vision.encoder.token_grid();
         let map = contrast_map(
             &question,
@@ -176,6 +178,7 @@ impl Carve {
         &self,
         decoder: &Decoder,
         request: &VisionRequest,
+        features: &Tensor,
         tokens: &[u32],
     ) -> Result<Vec<Vec<Vec<f32>>>> {
         let vision = request.vision;
@@ -184,9 +187,7 @@ impl Carve {
             .first()
             .cloned()
             .ok_or_else(|| candle_core::Error::msg("CARVE: the run's prompt has no image"))?;
-        let pixels = vision.encoder.pixel_values(&request.images[0])?;
-        let features = vision.encode(&[pixels], decoder.device())?;
-        let embeddings = vision.merge(decoder, tokens, &features)?;
+        let embeddings = vision.merge(decoder, tokens, features)?;
         let mut capture = CaptureImageAttention {
             layers: self.layers.clone(),
             span,
@@ -269,14 +270,17 @@ impl Intervention for Carve {
             .request
             .filter(|r| r.images.len() == 1 && r.variants.len() == 3)
             .ok_or_else(|| candle_core::Error::msg("CARVE needs one image and its prompts"))?;
-        let (refined, found) = self.refine(decoder, &request)?;
+        let original = prompt
+            .image_features()?
+            .ok_or_else(|| candle_core::Error::msg("CARVE: the prompt's image is not encoded"))?;
+        let (refined, found) = self.refine(decoder, &request, &original)?;
         let vision = request.vision;
-        let mut pixels = vec![vision.encoder.pixel_values(&refined)?];
-        if self.final_images == FinalImages::Both {
-            pixels.insert(0, vision.encoder.pixel_values(&request.images[0])?);
-        }
+        let refined = vision.encode(&[vision.encoder.pixel_values(&refined)?], decoder.device())?;
+        let features = match self.final_images {
+            FinalImages::Both => Tensor::cat(&[&original, &refined], 0)?,
+            FinalImages::Refined => refined,
+        };
         let tokens = request.variants[2].clone();
-        let features = vision.encode(&pixels, decoder.device())?;
         let embeddings = vision.merge(decoder, &tokens, &features)?;
         Ok(Installed {
             report: Some(serde_json::to_value(&found).expect("plain data serializes")),

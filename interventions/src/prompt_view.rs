@@ -76,8 +76,17 @@ impl<'a> PromptView<'a> {
             .collect()
     }
 
-    /// Whether key position `j` lies in an image.
-    pub fn in_image(&self, j: usize) -> bool {
-        self.image_spans.iter().any(|s| s.contains(&j))
+    /// The images' embedding rows (what the vision tower and projector made of them), in
+    /// order, taken from the prompt's embeddings; `None` for a text prompt.
+    pub fn image_features(&self) -> Result<Option<Tensor>> {
+        let Some(embeddings) = self.embeddings.filter(|_| self.has_images()) else {
+            return Ok(None);
+        };
+        let rows = self
+            .image_spans
+            .iter()
+            .map(|s| embeddings.narrow(0, s.start, s.len()))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0).map(Some)
     }
 }
