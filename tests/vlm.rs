@@ -237,6 +237,22 @@ fn image_requests_batch_with_text_requests_and_bad_images_are_refused() {
         }
     }
 
+    // Two choices of one request share one encoding of their image.
+    let encodes = |server: &Server| -> u64 {
+        let (_, metrics) = server.get("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("attune_image_encode_seconds_count "))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let before = encodes(&server);
+    let mut two = image_req.clone();
+    two["n"] = json!(2);
+    let (status, body) = server.post("/v1/chat/completions", &two);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"], body["choices"][1]["message"]);
+    assert_eq!(encodes(&server), before + 1);
+
     let garbage = format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(b"not an image at all")

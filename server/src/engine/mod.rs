@@ -13,7 +13,7 @@ use crate::sequence::{GenerationParams, Sequence, StepOutput};
 use attune_interventions::{Intervention, LogitsProcessor, PromptView, VisionRequest};
 use attune_models::vision::RgbImage;
 use attune_models::{HookStack, KvCache, Model, SequenceHooks};
-use candle_core::{Result as CandleResult, Tensor};
+use candle_core::{Result as CandleResult, Tensor, TensorId};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -151,6 +151,10 @@ struct Branch {
     cache: KvCache,
 }
 
+/// Image features already computed for a request, by the pixel tensors they came from.
+#[derive(Default)]
+struct ImageFeatures(Vec<(Vec<TensorId>, Tensor)>);
+
 /// A sequence in the running batch.
 struct Running {
     choice: usize,
@@ -230,12 +234,14 @@ impl Scheduler {
 
     fn start_request(&mut self, mut request: GenerationRequest) {
         let choices = std::mem::take(&mut request.choices);
+        // The choices of a request (and their branches) share image tensors: encode each set once.
+        let mut encoded = ImageFeatures::default();
         for (choice, spec) in choices.into_iter().enumerate() {
             self.metrics
                 .prompt_tokens
                 .with_label_values(&[&self.model_id])
                 .inc_by(spec.prompt.len() as u64);
-            match self.start_choice(choice, spec, &request) {
+            match self.start_choice(choice, spec, &request, &mut encoded) {
                 Ok(running) => self.running.push(running),
                 Err(e) => {
                     let message = format!("installing the interventions failed: {e}");
@@ -252,9 +258,10 @@ impl Scheduler {
         choice: usize,
         mut spec: ChoiceSpec,
         request: &GenerationRequest,
+        encoded: &mut ImageFeatures,
     ) -> CandleResult<Running> {
         let decoder = &self.model.decoder;
-        let mut prompt_embeddings = self.prompt_embeddings(&spec.prompt, &spec.images)?;
+        let mut prompt_embeddings = self.prompt_embeddings(&spec.prompt, &spec.images, encoded)?;
         let image_spans = match &self.model.vision {
             Some(vision) if !spec.images.is_empty() => vision.image_spans(&spec.prompt),
             _ => Vec::new(),
@@ -315,7 +322,7 @@ impl Scheduler {
             .map(|b| {
                 Ok(Branch {
                     cache: b.model.as_ref().map_or(decoder, |m| &m.decoder).new_cache(),
-                    embeddings: self.prompt_embeddings(&b.prompt, &b.images)?,
+                    embeddings: self.prompt_embeddings(&b.prompt, &b.images, encoded)?,
                     prompt: b.prompt,
                     model: b.model,
                 })
@@ -347,16 +354,29 @@ impl Scheduler {
 
     /// Input embeddings of a prompt with images: the vision tower's features in the image
     /// tokens' rows. `None` for a text prompt.
-    fn prompt_embeddings(&self, prompt: &[u32], images: &[Tensor]) -> CandleResult<Option<Tensor>> {
+    fn prompt_embeddings(
+        &self,
+        prompt: &[u32],
+        images: &[Tensor],
+        encoded: &mut ImageFeatures,
+    ) -> CandleResult<Option<Tensor>> {
         let Some(vision) = self.model.vision.as_ref().filter(|_| !images.is_empty()) else {
             return Ok(None);
         };
-        let start = Instant::now();
         let decoder = &self.model.decoder;
-        let features = vision.encode(images, decoder.device())?;
-        self.metrics
-            .image_encode_duration
-            .observe(start.elapsed().as_secs_f64());
+        let ids: Vec<TensorId> = images.iter().map(Tensor::id).collect();
+        let features = match encoded.0.iter().find(|(known, _)| *known == ids) {
+            Some((_, features)) => features.clone(),
+            None => {
+                let start = Instant::now();
+                let features = vision.encode(images, decoder.device())?;
+                self.metrics
+                    .image_encode_duration
+                    .observe(start.elapsed().as_secs_f64());
+                encoded.0.push((ids, features.clone()));
+                features
+            }
+        };
         vision.merge(decoder, prompt, &features).map(Some)
     }
 
