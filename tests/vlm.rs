@@ -296,3 +296,77 @@ fn image_requests_batch_with_text_requests_and_bad_images_are_refused() {
         assert_eq!(status, 200, "{file}: {body}");
     }
 }
+
+/// A minimal HTTP file server on a free port: `/allowed/noise.png` (the fixture),
+/// `/allowed/big.png` (150 kB), `/allowed/moved.png` (a redirect), anything else 404.
+fn file_server() -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let noise = std::fs::read(format!("{FIXTURES}/clip_preprocess/noise.png")).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&request);
+            let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (status, extra, body) = match path.as_str() {
+                "/allowed/noise.png" => ("200 OK", "", noise.clone()),
+                "/allowed/big.png" => ("200 OK", "", vec![0u8; 150_000]),
+                "/allowed/moved.png" => ("302 Found", "Location: /private/noise.png\r\n", vec![]),
+                _ => ("404 Not Found", "", vec![]),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    port
+}
+
+#[test]
+fn remote_images_come_only_from_allowed_prefixes() {
+    let port = file_server();
+    let base = format!("http://127.0.0.1:{port}");
+    let (server, _dir) = start_tiny_vlm(&format!(
+        "[server]\nimage_url_prefixes = [\"{base}/allowed/\"]\nmax_image_bytes = 100000"
+    ));
+    let ask = |url: String| {
+        let req = chat(
+            vec![
+                image_part(&url),
+                json!({"type": "text", "text": "What is it?"}),
+            ],
+            json!([]),
+        );
+        server.post("/v1/chat/completions", &req)
+    };
+    let (status, fetched) = ask(format!("{base}/allowed/noise.png"));
+    assert_eq!(status, 200, "{fetched}");
+    // The same picture inline gives the same answer.
+    let (_, inline) = ask(data_url("noise.png"));
+    assert_eq!(tokens(&fetched), tokens(&inline));
+    for (path, expected) in [
+        ("/private/noise.png", "allowed prefixes"),
+        ("/allowed/missing.png", "HTTP 404"),
+        ("/allowed/moved.png", "HTTP 302"),
+        ("/allowed/big.png", "larger than the 100000-byte limit"),
+    ] {
+        let (status, body) = ask(format!("{base}{path}"));
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], "messages[0].content[0]", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{path}: {message}");
+    }
+}

@@ -68,6 +68,11 @@ pub struct ServerConfig {
     pub max_image_pixels: u64,
     /// Longest side of one image in pixels.
     pub max_image_side: u32,
+    /// URL prefixes (`https://host/path/`) that `image_url` parts may fetch from; empty: remote
+    /// images are refused and only `data:` URLs are taken.
+    pub image_url_prefixes: Vec<String>,
+    /// Longest time one remote image may take to fetch.
+    pub image_fetch_timeout_secs: u64,
     /// A request still running after this many seconds is cancelled (503).
     pub request_timeout_secs: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
@@ -95,6 +100,8 @@ impl Default for ServerConfig {
             max_image_bytes: 10 * 1024 * 1024,
             max_image_pixels: 4096 * 4096,
             max_image_side: 8192,
+            image_url_prefixes: Vec::new(),
+            image_fetch_timeout_secs: 10,
             request_timeout_secs: 600,
             shutdown_grace_secs: 30,
             retry_after_secs: 1,
@@ -187,6 +194,18 @@ impl AttuneConfig {
                 "`server.max_n` cannot exceed `server.max_batch_size`".into(),
             ));
         }
+        for prefix in &s.image_url_prefixes {
+            let rest = prefix
+                .strip_prefix("https://")
+                .or_else(|| prefix.strip_prefix("http://"));
+            // A path after the host keeps `https://host` from also matching `https://host.evil/`.
+            if !rest.is_some_and(|r| r.find('/').is_some_and(|slash| slash > 0)) {
+                return Err(ConfigError::Invalid(format!(
+                    "`server.image_url_prefixes`: `{prefix}` must look like https://host/ or \
+                     https://host/path/"
+                )));
+            }
+        }
         if self.models.is_empty() {
             return Err(ConfigError::Invalid(
                 "`models` must list at least one model".into(),
@@ -240,6 +259,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn image_url_prefixes_need_a_scheme_host_and_path() {
+        for bad in [
+            "example.com/",
+            "https://example.com",
+            "ftp://example.com/",
+            "https:///x/",
+        ] {
+            let text = format!("[server]\nimage_url_prefixes = [\"{bad}\"]\n");
+            let err = AttuneConfig::from_toml_str(&text, Path::new("x.toml")).unwrap_err();
+            assert!(
+                err.to_string().contains("image_url_prefixes"),
+                "{bad}: {err}"
+            );
+        }
+        let text = "[server]\nimage_url_prefixes = [\"https://img.example.com/public/\"]\n";
+        assert!(AttuneConfig::from_toml_str(text, Path::new("x.toml")).is_ok());
     }
 
     #[test]

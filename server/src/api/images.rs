@@ -8,6 +8,7 @@ use base64::Engine as _;
 use candle_core::Tensor;
 use serde_json::Value;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The image of one `image_url` part as decoded, and ready for the vision tower:
 /// (3, height, width).
@@ -30,8 +31,12 @@ pub fn load(
             ))
         }
     };
-    let bytes =
-        data_url_bytes(url, limits.max_image_bytes).map_err(|m| ApiError::invalid(field, m))?;
+    let bytes = if url.starts_with("http://") || url.starts_with("https://") {
+        fetch(url, limits)
+    } else {
+        data_url_bytes(url, limits.max_image_bytes)
+    }
+    .map_err(|m| ApiError::invalid(field, m))?;
     let image_limits = ImageLimits {
         max_bytes: limits.max_image_bytes,
         max_pixels: limits.max_image_pixels,
@@ -46,16 +51,8 @@ pub fn load(
     Ok((Arc::new(image), pixels))
 }
 
-/// The bytes of a base64 `data:` URL. Remote URLs are refused: fetching them would let
-/// requests make this server open connections.
+/// The bytes of a base64 `data:` URL.
 fn data_url_bytes(url: &str, max_bytes: usize) -> Result<Vec<u8>, String> {
-    if url.starts_with("http://") || url.starts_with("https://") {
-        return Err(
-            "Remote image URLs are not fetched by this server; send the image inline \
-             as a `data:image/...;base64,...` URL"
-                .into(),
-        );
-    }
     let rest = url
         .strip_prefix("data:")
         .ok_or("The image URL must be a `data:image/...;base64,...` URL")?;
@@ -82,6 +79,50 @@ fn data_url_bytes(url: &str, max_bytes: usize) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("The image data is not valid base64: {e}"))
 }
 
+/// The bytes of a remote image whose URL starts with a configured prefix: no redirects (they
+/// could leave the allowed prefixes), at most `max_image_bytes`, within the fetch timeout.
+fn fetch(url: &str, limits: &ServerConfig) -> Result<Vec<u8>, String> {
+    if !limits.image_url_prefixes.iter().any(|p| url.starts_with(p)) {
+        return Err(if limits.image_url_prefixes.is_empty() {
+            "Remote image URLs are not fetched by this server; send the image inline as a \
+             `data:image/...;base64,...` URL"
+                .to_string()
+        } else {
+            "The image URL is not under one of this server's allowed prefixes \
+             (server.image_url_prefixes); send the image inline as a data: URL"
+                .to_string()
+        });
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(limits.image_fetch_timeout_secs)))
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
+        .call()
+        .map_err(|e| format!("Fetching the image failed: {e}"))?;
+    if response.status() != 200 {
+        return Err(format!(
+            "Fetching the image failed: HTTP {}",
+            response.status()
+        ));
+    }
+    let max = limits.max_image_bytes;
+    response
+        .body_mut()
+        .with_config()
+        .limit(max as u64)
+        .read_to_vec()
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => {
+                format!("The image is larger than the {max}-byte limit")
+            }
+            e => format!("Fetching the image failed: {e}"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,7 +134,6 @@ mod tests {
             vec![0, 1, 2]
         );
         for (url, expected) in [
-            ("https://example.invalid/cat.png", "Remote image URLs"),
             ("cat.png", "must be a `data:image"),
             ("data:image/png,AAEC", "base64-encoded"),
             ("data:text/plain;base64,AAEC", "not an image"),
