@@ -199,7 +199,10 @@ impl AttuneConfig {
                 .strip_prefix("https://")
                 .or_else(|| prefix.strip_prefix("http://"));
             // A path after the host keeps `https://host` from also matching `https://host.evil/`.
-            if !rest.is_some_and(|r| r.find('/').is_some_and(|slash| slash > 0)) {
+            let host_then_path = rest
+                .and_then(|r| r.find('/'))
+                .is_some_and(|slash| slash > 0);
+            if !host_then_path {
                 return Err(ConfigError::Invalid(format!(
                     "`server.image_url_prefixes`: `{prefix}` must look like https://host/ or \
                      https://host/path/"
