@@ -183,21 +183,12 @@ mod tests {
             step: NOISE_STEPS - 1,
             seed: 7,
         };
-        let a = noise
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = noise
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(a, b);
+        let noised = || -> Vec<f32> {
+            let t = noise.apply(&x).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let a = noised();
+        assert_eq!(a, noised(), "the same seed gives the same noise");
         let (_, scale) = noise.coefficients();
         let n = a.len() as f64;
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n / scale;
