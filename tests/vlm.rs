@@ -141,6 +141,7 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
     }
 
     // CARVE reports its crop of the 200 x 150 image; with every pixel kept it is the image.
+    // Usage counts the prompt it answered from: the question, suffix and both images.
     for (spec, whole) in [
         (json!({"type": "carve"}), false),
         (
@@ -162,6 +163,13 @@ fn vlm_methods_change_the_output_and_are_exact_when_neutral() {
             .collect();
         assert!(bbox[0] < bbox[2] && bbox[2] <= 200 && bbox[1] < bbox[3] && bbox[3] <= 150);
         assert!(report["steps"].as_u64().unwrap() >= 1, "{report}");
+        let prompt_tokens = body["usage"]["prompt_tokens"].as_u64().unwrap();
+        let plain_tokens = plain["usage"]["prompt_tokens"].as_u64().unwrap();
+        if whole {
+            assert!(prompt_tokens > plain_tokens, "{body}");
+        } else {
+            assert!(prompt_tokens > plain_tokens + 16, "{body}");
+        }
         if whole {
             assert_eq!(bbox, vec![0, 0, 200, 150]);
             assert_eq!(report["regions"], 1);

@@ -61,6 +61,8 @@ pub struct StepOutput {
     pub token_scores: Option<Vec<(u32, f32)>>,
     /// What the interventions chose for this choice (first step only), by method name.
     pub intervention_report: Option<serde_json::Value>,
+    /// The prompt's length when an intervention replaced it (CARVE), first step only.
+    pub prompt_tokens: Option<usize>,
 }
 
 pub struct Sequence {

@@ -226,10 +226,13 @@ struct ChoiceState {
     logprobs: Vec<TokenLogprob>,
     token_scores: Option<Vec<(u32, f32)>>,
     intervention_report: Option<Value>,
+    /// The prompt it ran on, when an intervention replaced the request's.
+    prompt_tokens: Option<usize>,
 }
 
 impl ChoiceState {
     fn add(&mut self, out: &StepOutput) {
+        self.prompt_tokens = self.prompt_tokens.or(out.prompt_tokens);
         if out.intervention_report.is_some() {
             self.intervention_report = out.intervention_report.clone();
         }
@@ -271,6 +274,12 @@ async fn collect(
         }
     }
     let completion_tokens = choices.iter().map(|c| c.tokens).sum();
+    // A replaced prompt (the same for every choice of a prompt) counts instead of the request's.
+    let prompt_tokens = choices
+        .iter()
+        .filter_map(|c| c.prompt_tokens)
+        .max()
+        .unwrap_or(reply.prompt_tokens);
     tracing::info!(id = %reply.id, completion_tokens, "request finished");
     let body_choices: Vec<Value> = choices
         .iter()
@@ -305,7 +314,7 @@ async fn collect(
         "created": reply.created,
         "model": reply.model,
         "choices": body_choices,
-        "usage": usage(reply.prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens),
         "interventions": reply.interventions,
     }))
 }
@@ -428,6 +437,7 @@ fn stream(
         }
         let mut finished = vec![false; reply.choices];
         let mut completion_tokens = 0;
+        let mut prompt_tokens = reply.prompt_tokens;
         while finished.iter().any(|f| !f) {
             let (choice, output) = match next_event(&mut rx, deadline).await {
                 Ok(EngineEvent::Step { choice, output }) => (choice, output),
@@ -441,6 +451,7 @@ fn stream(
                 }
             };
             completion_tokens += 1;
+            prompt_tokens = output.prompt_tokens.unwrap_or(prompt_tokens);
             finished[choice] = output.finished.is_some();
             let logprobs = reply.logprobs.map(|_| {
                 let steps: Vec<TokenLogprob> = output.logprob.iter().cloned().collect();
@@ -483,7 +494,7 @@ fn stream(
         if include_usage {
             let _ = send(chunk(
                 json!([]),
-                Some(usage(reply.prompt_tokens, completion_tokens)),
+                Some(usage(prompt_tokens, completion_tokens)),
             ))
             .await;
         }

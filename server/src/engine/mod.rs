@@ -173,6 +173,8 @@ struct Running {
     hook_time: Vec<(&'static str, Arc<AtomicU64>)>,
     /// What the interventions chose for this sequence, sent with its first token.
     report: Option<Value>,
+    /// The length of the prompt an intervention put in place of the request's, sent likewise.
+    replaced_prompt: Option<usize>,
     events: UnboundedSender<EngineEvent>,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -304,10 +306,11 @@ impl Scheduler {
             }
             first_branch += branch_count;
         }
-        if let Some(replacement) = new_prompt {
+        let replaced_prompt = new_prompt.map(|replacement| {
             spec.prompt = replacement.tokens;
             prompt_embeddings = Some(replacement.embeddings);
-        }
+            spec.prompt.len()
+        });
         let longest = spec
             .branches
             .iter()
@@ -346,6 +349,7 @@ impl Scheduler {
             processors,
             hook_time,
             report: (!reports.is_empty()).then_some(Value::Object(reports)),
+            replaced_prompt,
             events: request.events.clone(),
             arrived: request.arrived,
             last_token: None,
@@ -429,6 +433,7 @@ impl Scheduler {
                 });
             if let Ok(output) = &mut output {
                 output.intervention_report = r.report.take();
+                output.prompt_tokens = r.replaced_prompt.take();
             }
             match output {
                 Ok(output) => {
