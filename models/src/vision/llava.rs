@@ -60,11 +60,10 @@ pub fn load(dir: &Path, tokenizer: &TextTokenizer, device: &Device) -> Result<(D
     let decoder = safetensors::decoder_from(text_cfg, &st, "language_model.", device)
         .context("the language model (expected tensors named `language_model.model.*`)")?;
     let encoder = encoder_from(dir, &cfg, &st, device)?;
-    let image_token_text = "<image>".to_string();
     let image_token = match cfg.image_token_index {
         Some(id) => id,
         None => tokenizer
-            .token_id(&image_token_text)
+            .token_id("<image>")
             .context("config.json has no image_token_index and the tokenizer no `<image>`")?,
     };
     Ok((
@@ -72,7 +71,6 @@ pub fn load(dir: &Path, tokenizer: &TextTokenizer, device: &Device) -> Result<(D
         Vision {
             encoder: Box::new(encoder),
             image_token,
-            image_token_text,
         },
     ))
 }

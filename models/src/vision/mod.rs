@@ -34,8 +34,6 @@ pub trait ImageEncoder: Send + Sync {
 pub struct Vision {
     pub encoder: Box<dyn ImageEncoder>,
     pub image_token: u32,
-    /// The image token's text (`<image>`), as chat templates write it.
-    pub image_token_text: String,
 }
 
 impl Vision {
@@ -54,7 +52,7 @@ impl Vision {
         out
     }
 
-    /// Image tokens in an unexpanded prompt.
+    /// Image tokens in a prompt (one per image before expansion, one per row after).
     pub fn count_images(&self, tokens: &[u32]) -> usize {
         tokens.iter().filter(|&&t| t == self.image_token).count()
     }
@@ -82,7 +80,7 @@ impl Vision {
     /// Input embeddings of an expanded prompt: token embeddings, with image tokens replaced by
     /// the rows of `features` in order (images * tokens_per_image, hidden).
     pub fn merge(&self, decoder: &Decoder, tokens: &[u32], features: &Tensor) -> Result<Tensor> {
-        let slots = tokens.iter().filter(|&&t| t == self.image_token).count();
+        let slots = self.count_images(tokens);
         let rows = features.dim(0)?;
         if slots != rows {
             candle_core::bail!("the prompt has {slots} image token slots for {rows} feature rows");
