@@ -48,71 +48,137 @@ impl DecodeQuery<'_> {
         for_each_head(&mut scores, n, |h, row| {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2; the body is the portable code, compiled for AVX2.
+                // SAFETY: the CPU has AVX2.
                 return unsafe { self.head_scores_avx2(h, row) };
             }
-            self.head_scores(h, row)
+            self.head_scores::<Portable>(h, row)
         });
         scores
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn head_scores_avx2(&self, h: usize, row: &mut [f32]) {
-        self.head_scores(h, row)
+    /// Σ_j probs[h, j] · v_j per head, (heads, head_dim).
+    pub fn weighted_values(&self, probs: &[f32]) -> Vec<f32> {
+        let n = self.n_keys();
+        let mut out = vec![0f32; self.heads * self.head_dim];
+        for_each_head(&mut out, self.head_dim, |h, acc| {
+            let probs = &probs[h * n..(h + 1) * n];
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { self.head_values_avx2(h, probs, acc) };
+            }
+            self.head_values::<Portable>(h, probs, acc)
+        });
+        out
     }
 
     #[inline(always)]
-    fn head_scores(&self, h: usize, row: &mut [f32]) {
+    fn head_scores<L: Lanes>(&self, h: usize, row: &mut [f32]) {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let q = &self.q[h * self.head_dim..(h + 1) * self.head_dim];
         let kv_head = h / (self.heads / self.kv_heads);
         let key = |j: usize| self.row(self.k, kv_head, self.key_position(kv_head, j));
         // Four keys at a time: independent accumulators keep the adders busy; each key's sum is
-        // formed exactly as `dot` forms it.
+        // formed exactly as a lone key's would be.
         let whole = row.len() / 4 * 4;
         for j in (0..whole).step_by(4) {
-            let dots = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+            let dots = L::dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
             for (s, d) in row[j..j + 4].iter_mut().zip(dots) {
                 *s = d * scale;
             }
         }
         for (j, s) in row.iter_mut().enumerate().skip(whole) {
-            *s = dot(q, key(j)) * scale;
+            *s = L::dot4(q, [key(j); 4])[0] * scale;
         }
     }
 
-    /// Σ_j probs[h, j] · v_j per head, (heads, head_dim).
-    pub fn weighted_values(&self, probs: &[f32]) -> Vec<f32> {
-        let mut out = vec![0f32; self.heads * self.head_dim];
-        for_each_head(&mut out, self.head_dim, |h, acc| {
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: as in `scores`.
-                return unsafe { self.head_values_avx2(h, probs, acc) };
-            }
-            self.head_values(h, probs, acc)
+    /// Σ_j probs[j] · v_j for head `h`, added to `acc`.
+    #[inline(always)]
+    fn head_values<L: Lanes>(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
+        let kv_head = h / (self.heads / self.kv_heads);
+        L::add_weighted(acc, probs, |j| {
+            self.row(self.v, kv_head, self.key_position(kv_head, j))
         });
-        out
+    }
+
+    /// Scores, softmax (after hiding keys more than `window` positions back) and weighted
+    /// values of head `h` in one go, into `out` (head_dim): the arithmetic of [`Self::scores`],
+    /// [`softmax_rows`] and [`Self::weighted_values`] for that head. `scores` is scratch space.
+    #[inline(always)]
+    fn attend_head<L: Lanes>(
+        &self,
+        h: usize,
+        window: Option<usize>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let n = self.n_keys();
+        scores.clear();
+        scores.resize(n, 0.0);
+        self.head_scores::<L>(h, scores);
+        if let Some(window) = window {
+            let hidden = self.key_len.saturating_sub(window);
+            scores[..hidden].fill(f32::NEG_INFINITY);
+        }
+        softmax_rows(scores, n);
+        out.fill(0.0);
+        self.head_values::<L>(h, scores, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn head_scores_avx2(&self, h: usize, row: &mut [f32]) {
+        self.head_scores::<Avx2>(h, row)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn head_values_avx2(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
-        self.head_values(h, probs, acc)
+        self.head_values::<Avx2>(h, probs, acc)
     }
 
-    #[inline(always)]
-    fn head_values(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
-        let n = self.n_keys();
-        let kv_head = h / (self.heads / self.kv_heads);
-        for (j, &p) in probs[h * n..(h + 1) * n].iter().enumerate() {
-            let v = self.row(self.v, kv_head, self.key_position(kv_head, j));
-            for (a, x) in acc.iter_mut().zip(v) {
-                *a += p * x;
-            }
-        }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn attend_head_avx2(
+        &self,
+        h: usize,
+        window: Option<usize>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        self.attend_head::<Avx2>(h, window, scores, out)
     }
+}
+
+/// Attention of several decode queries (one per sequence, each with its own cache), all heads
+/// of all of them split over the CPU workers in one pass: query i's outputs go to
+/// `out[i]` (heads × head_dim). The same arithmetic as a query's [`DecodeQuery::scores`],
+/// [`softmax_rows`] and [`DecodeQuery::weighted_values`], so results do not depend on the
+/// batch.
+pub(crate) fn attend_all(queries: &[DecodeQuery<'_>], window: Option<usize>, out: &mut [f32]) {
+    let Some(first) = queries.first() else {
+        return;
+    };
+    let (heads, head_dim) = (first.heads, first.head_dim);
+    assert!(queries
+        .iter()
+        .all(|q| q.heads == heads && q.head_dim == head_dim));
+    assert_eq!(out.len(), queries.len() * heads * head_dim, "output size");
+    for_each_head(out, head_dim, |item, acc| {
+        // Scratch for one head's scores, reused across this worker's items.
+        thread_local!(static SCORES: std::cell::RefCell<Vec<f32>> = const {
+            std::cell::RefCell::new(Vec::new())
+        });
+        SCORES.with_borrow_mut(|scores| {
+            let (query, h) = (&queries[item / heads], item % heads);
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { query.attend_head_avx2(h, window, scores, acc) };
+            }
+            query.attend_head::<Portable>(h, window, scores, acc)
+        })
+    });
 }
 
 /// Runs `f(head, that head's row of out)` for every row of `out` (rows `width` long), rows
@@ -131,32 +197,115 @@ fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + 
     });
 }
 
-/// Dot product with eight independent lanes (vectorizes without reassociating floats, so the
-/// result is the same on every instruction set).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot4(a, [b; 4])[0]
+/// Attention's per-key arithmetic, by instruction set; every implementation gives the same
+/// floats, so a result does not depend on the CPU or on which path computed it.
+trait Lanes {
+    /// `q` · each of four keys: per key, eight lanes of running sums of q[i]·k[i] (multiply,
+    /// then add), combined as ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)), plus the products past the
+    /// last whole eight.
+    fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4];
+
+    /// acc[i] += probs[j] · row(j)[i] for j in order (multiply, then add).
+    fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]);
 }
 
-/// `q` · each of four keys, each summed in eight lanes in the same order as [`dot`].
-#[inline(always)]
-fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4] {
-    let mut lanes = [[0f32; 8]; 4];
-    let whole = q.len() / 8 * 8;
-    for c in (0..whole).step_by(8) {
-        let qc: &[f32; 8] = q[c..c + 8].try_into().expect("eight values");
-        for (lane, key) in lanes.iter_mut().zip(&keys) {
-            let kc: &[f32; 8] = key[c..c + 8].try_into().expect("eight values");
-            for i in 0..8 {
-                lane[i] += qc[i] * kc[i];
+/// Plain Rust, for any CPU.
+struct Portable;
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4] {
+        let mut lanes = [[0f32; 8]; 4];
+        let whole = q.len() / 8 * 8;
+        for c in (0..whole).step_by(8) {
+            let qc: &[f32; 8] = q[c..c + 8].try_into().expect("eight values");
+            for (lane, key) in lanes.iter_mut().zip(&keys) {
+                let kc: &[f32; 8] = key[c..c + 8].try_into().expect("eight values");
+                for i in 0..8 {
+                    lane[i] += qc[i] * kc[i];
+                }
+            }
+        }
+        std::array::from_fn(|k| {
+            let l = &lanes[k];
+            let tail: f32 = (whole..q.len()).map(|i| q[i] * keys[k][i]).sum();
+            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
+        })
+    }
+
+    #[inline(always)]
+    fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]) {
+        for (j, &p) in probs.iter().enumerate() {
+            for (a, x) in acc.iter_mut().zip(row(j)) {
+                *a += p * x;
             }
         }
     }
-    std::array::from_fn(|k| {
-        let l = &lanes[k];
-        let tail: f32 = (whole..q.len()).map(|i| q[i] * keys[k][i]).sum();
-        ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
-    })
+}
+
+/// AVX2 registers; only reached from `#[target_feature(enable = "avx2")]` functions called
+/// after detecting AVX2.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2 {
+    #[inline(always)]
+    fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        assert!(keys.iter().all(|k| k.len() == q.len()));
+        let whole = q.len() / 8 * 8;
+        // SAFETY: AVX2 is present (see the type's comment); loads stay below `whole`.
+        unsafe {
+            let mut lanes = [_mm256_setzero_ps(); 4];
+            for c in (0..whole).step_by(8) {
+                let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (lane, key) in lanes.iter_mut().zip(&keys) {
+                    let product = _mm256_mul_ps(qc, _mm256_loadu_ps(key.as_ptr().add(c)));
+                    *lane = _mm256_add_ps(*lane, product);
+                }
+            }
+            std::array::from_fn(|k| {
+                let l = lanes[k];
+                // [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s1, _, s2+s3, _].
+                let s = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
+                let t = _mm_add_ps(s, _mm_shuffle_ps(s, s, 0b10_11_00_01));
+                let tail: f32 = (whole..q.len()).map(|i| q[i] * keys[k][i]).sum();
+                _mm_cvtss_f32(t) + _mm_cvtss_f32(_mm_movehl_ps(t, t)) + tail
+            })
+        }
+    }
+
+    #[inline(always)]
+    fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]) {
+        use std::arch::x86_64::*;
+        const WIDTH: usize = 64;
+        if !acc.len().is_multiple_of(WIDTH) {
+            return Portable::add_weighted(acc, probs, row);
+        }
+        let len = acc.len();
+        // 64 outputs at a time stay in eight registers over all keys.
+        for (c, out) in acc.chunks_exact_mut(WIDTH).enumerate() {
+            // SAFETY: AVX2 is present; every row is as long as `acc` (asserted), so each
+            // 64-value chunk read is in bounds.
+            unsafe {
+                let mut sums: [__m256; 8] =
+                    std::array::from_fn(|r| _mm256_loadu_ps(out.as_ptr().add(8 * r)));
+                for (j, &p) in probs.iter().enumerate() {
+                    let values = row(j);
+                    assert_eq!(values.len(), len);
+                    let p = _mm256_set1_ps(p);
+                    for (r, sum) in sums.iter_mut().enumerate() {
+                        let v = _mm256_loadu_ps(values.as_ptr().add(c * WIDTH + 8 * r));
+                        *sum = _mm256_add_ps(*sum, _mm256_mul_ps(p, v));
+                    }
+                }
+                for (r, sum) in sums.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * r), *sum);
+                }
+            }
+        }
+    }
 }
 
 /// Row-wise softmax in place; rows are `n` long. A row of only -inf becomes NaN, as in the
@@ -171,6 +320,34 @@ pub(crate) fn softmax_rows(values: &mut [f32], n: usize) {
         }
         for x in row.iter_mut() {
             *x /= sum;
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::testing::SeededRng;
+
+    #[test]
+    fn avx2_lanes_give_the_portable_floats() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = SeededRng::new(3);
+        let mut values = |n: usize| (0..n).map(|_| rng.next_f32() - 0.5).collect::<Vec<f32>>();
+        for dim in [64, 128, 72, 5] {
+            let q = values(dim);
+            let keys: Vec<Vec<f32>> = (0..4).map(|_| values(dim)).collect();
+            let keys = [&keys[0][..], &keys[1][..], &keys[2][..], &keys[3][..]];
+            assert_eq!(Avx2::dot4(&q, keys), Portable::dot4(&q, keys), "dim {dim}");
+            let probs = values(7);
+            let rows: Vec<Vec<f32>> = (0..7).map(|_| values(dim)).collect();
+            let (mut simd, mut portable) = (values(dim), vec![0f32; dim]);
+            portable.copy_from_slice(&simd);
+            Avx2::add_weighted(&mut simd, &probs, |j| &rows[j]);
+            Portable::add_weighted(&mut portable, &probs, |j| &rows[j]);
+            assert_eq!(simd, portable, "dim {dim}");
         }
     }
 }

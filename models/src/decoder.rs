@@ -7,7 +7,7 @@
 //! padding masks are needed and each sequence's hooks see only its own rows.
 
 use crate::arch::DecoderConfig;
-use crate::cpu_attention::{softmax_rows, DecodeQuery};
+use crate::cpu_attention::{self, softmax_rows, DecodeQuery};
 use crate::embedding::Embedding;
 use crate::hooks::{AttentionSite, HookPoint, RowSite, SequenceHooks};
 use crate::kv_cache::KvCache;
@@ -320,8 +320,25 @@ impl Decoder {
     ) -> Result<Tensor> {
         let x = self.rms_norm(&hidden, &layer.attn_norm)?;
         let (q, k, v) = layer.qkv(&x)?;
+        let direct: Vec<bool> = batch
+            .iter_mut()
+            .zip(spans)
+            .map(|(step, span)| self.decodes_directly(step, span, index))
+            .collect();
+        let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);
+        let width = heads * head_dim;
+        let mut attn = if direct.iter().any(|&d| d) {
+            self.direct_decode_attention(index, (&q, &k, &v), spans, batch, &direct)?
+        } else {
+            Vec::new()
+        };
         let mut outputs = Vec::with_capacity(batch.len());
-        for (step, span) in batch.iter_mut().zip(spans) {
+        for ((step, span), _) in batch
+            .iter_mut()
+            .zip(spans)
+            .zip(&direct)
+            .filter(|(_, &d)| !d)
+        {
             let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
                 t.narrow(0, span.row, span.len)?
                     .reshape((span.len, heads, self.cfg.head_dim))?
@@ -343,23 +360,36 @@ impl Decoder {
             if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, index) {
                 hooks.observe_head_outputs(&site, &out)?;
             }
-            outputs.push(out);
+            outputs.push((span, out));
         }
         // Rewrites only after every sequence's outputs were observed.
-        for ((step, span), out) in batch.iter_mut().zip(spans).zip(outputs.iter_mut()) {
+        for ((step, _), (span, out)) in batch
+            .iter_mut()
+            .zip(&direct)
+            .filter(|(_, &d)| !d)
+            .zip(outputs.iter_mut())
+        {
             if let Some(hooks) = step.hooks_for(HookPoint::HeadOutputs, index) {
                 *out = hooks.head_outputs(&span.site(index), out.clone())?;
             }
         }
-        let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);
         let mut rows = outputs
             .iter()
-            .map(|o| o.transpose(0, 1)?.reshape((o.dim(1)?, heads * head_dim)))
+            .map(|(_, o)| o.transpose(0, 1)?.reshape((o.dim(1)?, width)))
             .collect::<Result<Vec<_>>>()?;
-        let attn = if rows.len() == 1 {
-            rows.pop().expect("one output")
+        let attn = if attn.is_empty() {
+            if rows.len() == 1 {
+                rows.pop().expect("one output")
+            } else {
+                Tensor::cat(&rows, 0)?
+            }
         } else {
-            Tensor::cat(&rows, 0)?
+            // Sequences that took the tensor path fill their rows of the direct path's output.
+            for ((span, _), rows) in outputs.iter().zip(rows) {
+                let values = rows.flatten_all()?.to_vec1::<f32>()?;
+                attn[span.row * width..(span.row + span.len) * width].copy_from_slice(&values);
+            }
+            Tensor::from_vec(attn, (hidden.dim(0)?, width), &self.device)?
         };
         let hidden = (hidden + layer.o.forward(&attn)?)?;
         let x = self.rms_norm(&hidden, &layer.ffn_norm)?;
@@ -367,6 +397,95 @@ impl Decoder {
         let mlp = self.row_hooks(mlp, spans, batch, HookPoint::MlpOutput, index)?;
         let hidden = (hidden + mlp)?;
         self.row_hooks(hidden, spans, batch, HookPoint::Residual, index + 1)
+    }
+
+    /// Whether this sequence's attention in `layer` takes [`Self::direct_decode_attention`]: a
+    /// one-row step of an f32 model on the CPU with no hook on attention's inside.
+    fn decodes_directly(&self, step: &mut SequenceStep<'_>, span: &Span, layer: usize) -> bool {
+        const ATTENTION_POINTS: [HookPoint; 5] = [
+            HookPoint::Queries,
+            HookPoint::KeySelection,
+            HookPoint::Scores,
+            HookPoint::Probs,
+            HookPoint::HeadOutputs,
+        ];
+        span.len == 1
+            && self.device.is_cpu()
+            && self.dtype() == DType::F32
+            && ATTENTION_POINTS
+                .iter()
+                .all(|&point| step.hooks_for(point, layer).is_none())
+    }
+
+    /// Attention of the `direct` sequences' decode rows on host memory: RoPE in place, keys and
+    /// values written straight into each cache, and every head of every such sequence in one
+    /// pass over the CPU workers (see [`cpu_attention::attend_all`]); the arithmetic of the
+    /// tensor path, so results are the same either way. Returns the packed attention output
+    /// (rows, heads × head_dim) with the direct sequences' rows filled.
+    fn direct_decode_attention(
+        &self,
+        layer: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        spans: &[Span],
+        batch: &mut [SequenceStep<'_>],
+        direct: &[bool],
+    ) -> Result<Vec<f32>> {
+        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
+        let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);
+        let (q_width, kv_width) = (heads * head_dim, self.cfg.num_kv_heads * head_dim);
+        let chosen: Vec<usize> = (0..batch.len()).filter(|&i| direct[i]).collect();
+        for &i in &chosen {
+            let (row, rope) = (spans[i].row, &spans[i].rope);
+            self.rope
+                .apply_row(&mut q[row * q_width..(row + 1) * q_width], rope);
+            let k_row = &mut k[row * kv_width..(row + 1) * kv_width];
+            self.rope.apply_row(k_row, rope);
+            let v_row = &v[row * kv_width..(row + 1) * kv_width];
+            batch[i].cache.append_row(layer, k_row, v_row)?;
+        }
+        let buffers = chosen
+            .iter()
+            .map(|&i| {
+                batch[i]
+                    .cache
+                    .buffers(layer)
+                    .ok_or_else(|| candle_core::Error::msg("attention before any cache write"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let storages: Vec<_> = buffers
+            .iter()
+            .map(|(k, v)| Ok((k.storage_and_layout(), v.storage_and_layout(), k.dim(1)?)))
+            .collect::<Result<_>>()?;
+        let queries = chosen
+            .iter()
+            .zip(&storages)
+            .map(
+                |(&i, ((k_storage, k_layout), (v_storage, v_layout), capacity))| {
+                    let row = spans[i].row;
+                    Ok(DecodeQuery {
+                        q: &q[row * q_width..(row + 1) * q_width],
+                        k: cpu_f32(k_storage, k_layout)?,
+                        v: cpu_f32(v_storage, v_layout)?,
+                        heads,
+                        kv_heads: self.cfg.num_kv_heads,
+                        head_dim,
+                        capacity: *capacity,
+                        keys: None,
+                        key_len: spans[i].start + 1,
+                    })
+                },
+            )
+            .collect::<Result<Vec<_>>>()?;
+        let mut outputs = vec![0f32; chosen.len() * q_width];
+        cpu_attention::attend_all(&queries, self.cfg.sliding_window, &mut outputs);
+        let rows: usize = spans.iter().map(|s| s.len).sum();
+        let mut attn = vec![0f32; rows * q_width];
+        for (&i, out) in chosen.iter().zip(outputs.chunks_exact(q_width)) {
+            let row = spans[i].row;
+            attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
+        }
+        Ok(attn)
     }
 
     /// Attention for one sequence: `q` (heads, q_len, head_dim) against the cached `k`, `v`

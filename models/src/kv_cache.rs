@@ -2,7 +2,7 @@
 //! generation never re-copies its whole history on every step.
 
 use crate::arch::DecoderConfig;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor};
 
 const MIN_CAPACITY: usize = 64;
 
@@ -86,12 +86,31 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(1)?;
-        let needed = self.len + t;
+        let start = self.len;
+        let needed = start + k.dim(1)?;
+        let entry = self.reserve(layer, needed)?;
+        entry.k.slice_set(&k.contiguous()?, 1, start)?;
+        entry.v.slice_set(&v.contiguous()?, 1, start)?;
+        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
+    }
+
+    /// [`Self::append`] of one position given as f32 rows (kv_heads × head_dim each), written
+    /// straight into the buffers of an f32 CPU cache.
+    pub(crate) fn append_row(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let position = self.len;
+        let entry = self.reserve(layer, position + 1)?;
+        for (buffer, row) in [(&entry.k, k), (&entry.v, v)] {
+            buffer.inplace_op1(&WriteRow { position, row })?;
+        }
+        Ok(())
+    }
+
+    /// The buffers of `layer`, allocated, with room for `needed` positions.
+    fn reserve(&mut self, layer: usize, needed: usize) -> Result<&LayerKv> {
         if needed > self.capacity {
             self.grow(needed.next_power_of_two().max(MIN_CAPACITY))?;
         }
-        let entry = match &mut self.layers[layer] {
+        Ok(match &mut self.layers[layer] {
             Some(entry) => entry,
             slot => {
                 let shape = (self.kv_heads, self.capacity, self.head_dim);
@@ -100,10 +119,7 @@ impl KvCache {
                     v: Tensor::zeros(shape, self.dtype, &self.device)?,
                 })
             }
-        };
-        entry.k.slice_set(&k.contiguous()?, 1, self.len)?;
-        entry.v.slice_set(&v.contiguous()?, 1, self.len)?;
-        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
+        })
     }
 
     /// The whole contiguous buffers of `layer`, (kv_heads, capacity, head_dim): for gathers,
@@ -130,6 +146,35 @@ impl KvCache {
             }
         }
         self.capacity = capacity;
+        Ok(())
+    }
+}
+
+/// Writes one position (`row`: kv_heads × head_dim) into an f32 CPU buffer (kv_heads, capacity,
+/// head_dim).
+struct WriteRow<'a> {
+    position: usize,
+    row: &'a [f32],
+}
+
+impl InplaceOp1 for WriteRow<'_> {
+    fn name(&self) -> &'static str {
+        "kv-cache-write-row"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (CpuStorage::F32(data), Some((0, _)), &[kv_heads, capacity, head_dim]) =
+            (storage, layout.contiguous_offsets(), layout.shape().dims())
+        else {
+            candle_core::bail!("a row write needs a whole contiguous f32 cache buffer");
+        };
+        if self.row.len() != kv_heads * head_dim || self.position >= capacity {
+            candle_core::bail!("a row write outside the cache buffer");
+        }
+        for (head, values) in self.row.chunks_exact(head_dim).enumerate() {
+            let at = (head * capacity + self.position) * head_dim;
+            data[at..at + head_dim].copy_from_slice(values);
+        }
         Ok(())
     }
 }

@@ -9,11 +9,14 @@ pub struct Rope {
     layout: RopeLayout,
 }
 
-/// cos/sin tables for a run of consecutive positions, shaped (len, head_dim / 2).
+/// cos/sin tables for a run of consecutive positions, shaped (len, head_dim / 2), as tensors
+/// and as the host values they were made from.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
 }
 
 impl Rope {
@@ -50,9 +53,29 @@ impl Rope {
             }
         }
         Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (len, half), device)?,
-            sin: Tensor::from_vec(sin, (len, half), device)?,
+            cos: Tensor::from_slice(&cos, (len, half), device)?,
+            sin: Tensor::from_slice(&sin, (len, half), device)?,
+            cos_values: cos,
+            sin_values: sin,
         })
+    }
+
+    /// Rotates, in place, the heads of the first position of `tables` (`x`: heads × head_dim):
+    /// the arithmetic of [`Self::apply`], without tensors.
+    pub fn apply_row(&self, x: &mut [f32], tables: &RopeTables) {
+        let half = self.inv_freq.len();
+        let (cos, sin) = (&tables.cos_values[..half], &tables.sin_values[..half]);
+        for head in x.chunks_exact_mut(2 * half) {
+            for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+                let (i1, i2) = match self.layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Halves => (i, i + half),
+                };
+                let (a, b) = (head[i1], head[i2]);
+                head[i1] = a * c - b * s;
+                head[i2] = a * s + b * c;
+            }
+        }
     }
 
     /// Rotates `x` shaped (heads, len, head_dim), contiguous.
@@ -134,6 +157,9 @@ mod tests {
             let want = (a as f32 * c - b as f32 * s, a as f32 * s + b as f32 * c);
             assert!((y[pair.0] - want.0).abs() < 1e-6, "{layout:?}: {y:?}");
             assert!((y[pair.1] - want.1).abs() < 1e-6, "{layout:?}: {y:?}");
+            let mut row = vec![1f32, 2., 3., 4.];
+            rope.apply_row(&mut row, &tables);
+            assert_eq!(row, y, "{layout:?}: the host rotation is the tensor one");
         }
     }
 }

@@ -8,10 +8,9 @@ mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use blocks::{quantize_row, BlockQ4_0, BlockQ4_1, BlockQ8, BlockQ8_0, BLOCK};
+pub use blocks::{quantize_row, ActBlock, ByteGroup, NibbleGroup, BLOCK, GROUP};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use half::f16;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
@@ -57,16 +56,6 @@ impl Kernel {
         }
     }
 
-    /// Whether 8 activation rows fit its registers (AVX-512 has 32 vector registers; with
-    /// AVX2's 16, groups of 8 spill and run no faster than groups of 4).
-    fn wide_groups(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni {
-            return true;
-        }
-        false
-    }
-
     /// Every kernel this CPU can run, slowest first.
     pub fn available() -> Vec<Self> {
         #[allow(unused_mut)]
@@ -88,64 +77,54 @@ impl Kernel {
     }
 }
 
-/// Activation rows that share one unpacking of each weight block in a batched matmul: groups of
-/// 8 where the kernel has registers for them, then groups of 4, then single rows (a row's result
-/// does not depend on its group's size).
-const WIDE_GROUP: usize = 8;
-const NARROW_GROUP: usize = 4;
-
-/// A weight matrix's blocks, row-major as in the GGUF file.
+/// A weight matrix's row groups ([`GROUP`] rows each, the last padded with zero rows), group
+/// by group, each group's blocks in column order.
 #[derive(Debug, Clone)]
-enum Blocks {
-    Q4_0(Vec<BlockQ4_0>),
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
+enum Groups {
+    /// Q4_0 or Q4_1.
+    Nibbles(Vec<NibbleGroup>),
+    /// Q8_0.
+    Bytes(Vec<ByteGroup>),
 }
 
-/// Runs `$call` from `$kernel`'s instruction-set module, or `$scalar` on the portable kernel.
+/// Runs `$f::<$R>` from `$kernel`'s instruction-set module, or `$scalar` on the portable kernel.
 macro_rules! on_kernel {
-    ($kernel:expr, $scalar:expr, $f:ident($($arg:expr),*)) => {
+    ($kernel:expr, $scalar:expr, $f:ident::<$R:ident>($($arg:expr),*)) => {
         match $kernel {
             Kernel::Scalar => $scalar,
             // SAFETY: `Kernel::available` lists a SIMD kernel only on CPUs with its features;
             // callers size the slices as each kernel's documentation asks.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::avx2::$f($($arg),*) },
+            Kernel::Avx2 => unsafe { x86::avx2::$f::<$R>($($arg),*) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => unsafe { x86::avx_vnni::$f($($arg),*) },
+            Kernel::AvxVnni => unsafe { x86::avx_vnni::$f::<$R>($($arg),*) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$f($($arg),*) },
+            Kernel::Avx512Vnni => unsafe { x86::avx512_vnni::$f::<$R>($($arg),*) },
         }
     };
 }
 
-/// Every row of `w` · `a` with a portable dot product.
-fn scalar_each_row<B>(w: &[B], a: &[BlockQ8], out: &mut [f32], dot: fn(&[B], &[BlockQ8]) -> f32) {
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
-        *o = dot(row, a);
-    }
-}
-
-/// One weight row `w` · each activation row in `a` with a portable dot product.
-fn scalar_shared<B>(w: &[B], a: &[BlockQ8], out: &mut [f32], dot: fn(&[B], &[BlockQ8]) -> f32) {
+/// Each activation row in `a` (`R` rows back to back) · one weight group with a portable kernel.
+fn scalar_rows<G, const R: usize>(
+    w: &[G],
+    a: &[ActBlock],
+    out: &mut [[f32; GROUP]; R],
+    dot: fn(&[G], &[ActBlock], &mut [f32; GROUP]),
+) {
     for (o, a) in out.iter_mut().zip(a.chunks_exact(w.len())) {
-        *o = dot(w, a);
+        dot(w, a, o);
     }
 }
 
 /// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1 or Q8_0: rows
-/// `first_row..first_row + rows` of shared block storage (several matrices can be views of one
-/// stacked matrix).
+/// `first_group * GROUP..` of shared group storage, `rows` of them (several matrices can be
+/// views of one stacked matrix).
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     rows: usize,
     cols: usize,
-    first_row: usize,
-    blocks: Arc<Blocks>,
-}
-
-fn f16_at(b: &[u8], at: usize) -> f16 {
-    f16::from_le_bytes([b[at], b[at + 1]])
+    first_group: usize,
+    groups: Arc<Groups>,
 }
 
 impl QuantMatrix {
@@ -155,114 +134,102 @@ impl QuantMatrix {
             &[rows, cols] => (rows, cols),
             _ => return Ok(None),
         };
-        let bytes = t.data()?;
-        let blocks = match t.dtype() {
-            GgmlDType::Q4_0 => Blocks::Q4_0(
-                bytes
-                    .chunks_exact(18)
-                    .map(|b| BlockQ4_0 {
-                        d: f16_at(b, 0),
-                        qs: b[2..].try_into().expect("16 bytes"),
-                    })
-                    .collect(),
-            ),
-            GgmlDType::Q4_1 => Blocks::Q4_1(
-                bytes
-                    .chunks_exact(20)
-                    .map(|b| BlockQ4_1 {
-                        d: f16_at(b, 0),
-                        m: f16_at(b, 2),
-                        qs: b[4..].try_into().expect("16 bytes"),
-                    })
-                    .collect(),
-            ),
-            GgmlDType::Q8_0 => Blocks::Q8_0(
-                bytes
-                    .chunks_exact(34)
-                    .map(|b| BlockQ8_0 {
-                        d: f16_at(b, 0),
-                        qs: std::array::from_fn(|i| b[2 + i] as i8),
-                    })
-                    .collect(),
-            ),
+        let block_bytes = match t.dtype() {
+            GgmlDType::Q4_0 => 18,
+            GgmlDType::Q4_1 => 20,
+            GgmlDType::Q8_0 => 34,
             _ => return Ok(None),
         };
-        let matrix = Self {
-            rows,
-            cols,
-            first_row: 0,
-            blocks: Arc::new(blocks),
-        };
-        if cols % BLOCK != 0 || matrix.block_count() != rows * cols / BLOCK {
+        let bytes = t.data()?;
+        let per_row = cols / BLOCK;
+        if cols % BLOCK != 0 || bytes.len() != rows * per_row * block_bytes {
             candle_core::bail!(
-                "quantized tensor of shape ({rows}, {cols}) has {} blocks",
-                matrix.block_count()
+                "quantized tensor of shape ({rows}, {cols}) has {} bytes",
+                bytes.len()
             );
         }
-        Ok(Some(matrix))
+        // Row group g's GGML blocks b, lane by lane (rows past the end are left out).
+        let group_rows = |g: usize, b: usize| -> Vec<&[u8]> {
+            (g * GROUP..((g + 1) * GROUP).min(rows))
+                .map(|row| &bytes[(row * per_row + b) * block_bytes..][..block_bytes])
+                .collect()
+        };
+        let slots = (0..rows.div_ceil(GROUP)).flat_map(|g| (0..per_row).map(move |b| (g, b)));
+        let groups = match t.dtype() {
+            GgmlDType::Q8_0 => Groups::Bytes(
+                slots
+                    .map(|(g, b)| blocks::byte_group(&group_rows(g, b)))
+                    .collect(),
+            ),
+            dtype => Groups::Nibbles(
+                slots
+                    .map(|(g, b)| blocks::nibble_group(&group_rows(g, b), dtype == GgmlDType::Q4_0))
+                    .collect(),
+            ),
+        };
+        Ok(Some(Self {
+            rows,
+            cols,
+            first_group: 0,
+            groups: Arc::new(groups),
+        }))
     }
 
-    fn block_count(&self) -> usize {
-        match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => b.len(),
-            Blocks::Q4_1(b) => b.len(),
-            Blocks::Q8_0(b) => b.len(),
-        }
-    }
-
-    /// Stacks matrices of one format and input size into one whose outputs are theirs in
-    /// order, so projections of the same input (q, k, v; gate, up) run as one matmul.
+    /// Stacks matrices of one format family (Q4_0 and Q4_1 together, or Q8_0) and input size
+    /// into one whose outputs are theirs in order, so projections of the same input (q, k, v;
+    /// gate, up) run as one matmul. Every part but the last must fill its row groups.
     pub fn stack(parts: &[&Self]) -> Result<Self> {
         let Some(first) = parts.first() else {
             candle_core::bail!("nothing to stack");
         };
-        let mut blocks = first.own_blocks();
-        for part in &parts[1..] {
+        let mut groups = first.own_groups();
+        for (i, part) in parts.iter().enumerate().skip(1) {
             if part.cols != first.cols {
                 candle_core::bail!("stacked matrices must share their input size");
             }
-            match (&mut blocks, part.own_blocks()) {
-                (Blocks::Q4_0(all), Blocks::Q4_0(more)) => all.extend(more),
-                (Blocks::Q4_1(all), Blocks::Q4_1(more)) => all.extend(more),
-                (Blocks::Q8_0(all), Blocks::Q8_0(more)) => all.extend(more),
+            if !parts[i - 1].rows.is_multiple_of(GROUP) {
+                candle_core::bail!("a stacked matrix before the last has a partial row group");
+            }
+            match (&mut groups, part.own_groups()) {
+                (Groups::Nibbles(all), Groups::Nibbles(more)) => all.extend(more),
+                (Groups::Bytes(all), Groups::Bytes(more)) => all.extend(more),
                 _ => candle_core::bail!("stacked matrices must share their format"),
             }
         }
         Ok(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            first_row: 0,
-            blocks: Arc::new(blocks),
+            first_group: 0,
+            groups: Arc::new(groups),
         })
     }
 
-    /// A copy of this matrix's own rows.
-    fn own_blocks(&self) -> Blocks {
-        let range = self.block_range(0..self.rows);
-        match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => Blocks::Q4_0(b[range].to_vec()),
-            Blocks::Q4_1(b) => Blocks::Q4_1(b[range].to_vec()),
-            Blocks::Q8_0(b) => Blocks::Q8_0(b[range].to_vec()),
+    /// A copy of this matrix's own row groups.
+    fn own_groups(&self) -> Groups {
+        let range = self.slot_range(0..self.rows.div_ceil(GROUP));
+        match self.groups.as_ref() {
+            Groups::Nibbles(g) => Groups::Nibbles(g[range].to_vec()),
+            Groups::Bytes(g) => Groups::Bytes(g[range].to_vec()),
         }
     }
 
-    /// Rows `rows` of this matrix, sharing its storage.
+    /// Rows `rows` of this matrix, sharing its storage; they must start a row group.
     pub fn view(&self, rows: Range<usize>) -> Result<Self> {
-        if rows.start > rows.end || rows.end > self.rows {
+        if rows.start > rows.end || rows.end > self.rows || !rows.start.is_multiple_of(GROUP) {
             candle_core::bail!("rows {rows:?} of a {}-row matrix", self.rows);
         }
         Ok(Self {
             rows: rows.len(),
             cols: self.cols,
-            first_row: self.first_row + rows.start,
-            blocks: self.blocks.clone(),
+            first_group: self.first_group + rows.start / GROUP,
+            groups: self.groups.clone(),
         })
     }
 
-    /// Indices in the shared storage of the blocks of (view-relative) `rows`.
-    fn block_range(&self, rows: Range<usize>) -> Range<usize> {
+    /// Indices in the shared storage of the blocks of (view-relative) row groups `groups`.
+    fn slot_range(&self, groups: Range<usize>) -> Range<usize> {
         let n = self.cols / BLOCK;
-        (self.first_row + rows.start) * n..(self.first_row + rows.end) * n
+        (self.first_group + groups.start) * n..(self.first_group + groups.end) * n
     }
 
     pub fn rows(&self) -> usize {
@@ -275,125 +242,93 @@ impl QuantMatrix {
 
     /// Row `r` as f32 values into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let row = self.block_range(r..r + 1);
-        match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => blocks::dequantize_q4_0(&b[row], out),
-            Blocks::Q4_1(b) => blocks::dequantize_q4_1(&b[row], out),
-            Blocks::Q8_0(b) => blocks::dequantize_q8_0(&b[row], out),
+        let slots = self.slot_range(r / GROUP..r / GROUP + 1);
+        let lane = r % GROUP;
+        let values = out.chunks_exact_mut(BLOCK);
+        match self.groups.as_ref() {
+            Groups::Nibbles(g) => g[slots]
+                .iter()
+                .zip(values)
+                .for_each(|(g, o)| blocks::dequantize_nibbles(g, lane, o)),
+            Groups::Bytes(g) => g[slots]
+                .iter()
+                .zip(values)
+                .for_each(|(g, o)| blocks::dequantize_bytes(g, lane, o)),
         }
     }
 
-    /// Weight rows `rows` · activation row `a`, into `out` (one entry per row).
-    fn dot_each_row(&self, kernel: Kernel, rows: Range<usize>, a: &[BlockQ8], out: &mut [f32]) {
-        let range = self.block_range(rows);
-        match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => on_kernel!(
-                kernel,
-                scalar_each_row(&b[range], a, out, blocks::dot_q4_0),
-                dot_q4_0_each_row(&b[range], a, out)
-            ),
-            Blocks::Q4_1(b) => on_kernel!(
-                kernel,
-                scalar_each_row(&b[range], a, out, blocks::dot_q4_1),
-                dot_q4_1_each_row(&b[range], a, out)
-            ),
-            Blocks::Q8_0(b) => on_kernel!(
-                kernel,
-                scalar_each_row(&b[range], a, out, blocks::dot_q8_0),
-                dot_q8_0_each_row(&b[range], a, out)
-            ),
-        }
-    }
-
-    /// Weight row `r` · the `R` activation rows in `a` (back to back): the SIMD kernels unpack
-    /// each weight block once for all of them.
-    fn dot_shared<const R: usize>(
+    /// Row group `g`'s 8 rows · the `R` activation rows in `a` (back to back).
+    fn dot_group<const R: usize>(
         &self,
         kernel: Kernel,
-        r: usize,
-        a: &[BlockQ8],
-        out: &mut [f32; R],
+        g: usize,
+        a: &[ActBlock],
+        out: &mut [[f32; GROUP]; R],
     ) {
-        let row = self.block_range(r..r + 1);
-        match self.blocks.as_ref() {
-            Blocks::Q4_0(b) => on_kernel!(
+        let slots = self.slot_range(g..g + 1);
+        match self.groups.as_ref() {
+            Groups::Nibbles(w) => on_kernel!(
                 kernel,
-                scalar_shared(&b[row], a, out, blocks::dot_q4_0),
-                dot_q4_0_rows(&b[row], a, out)
+                scalar_rows(&w[slots], a, out, blocks::dot_nibbles),
+                dot_nibble_rows::<R>(&w[slots], a, out)
             ),
-            Blocks::Q4_1(b) => on_kernel!(
+            Groups::Bytes(w) => on_kernel!(
                 kernel,
-                scalar_shared(&b[row], a, out, blocks::dot_q4_1),
-                dot_q4_1_rows(&b[row], a, out)
-            ),
-            Blocks::Q8_0(b) => on_kernel!(
-                kernel,
-                scalar_shared(&b[row], a, out, blocks::dot_q8_0),
-                dot_q8_0_rows(&b[row], a, out)
+                scalar_rows(&w[slots], a, out, blocks::dot_bytes),
+                dot_byte_rows::<R>(&w[slots], a, out)
             ),
         }
     }
 
-    /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Output rows are split over
+    /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Row groups are split over
     /// candle's CPU worker pool; every activation row is quantized once per call and each weight
-    /// row is read once for all `m` activation rows, unpacked once per group of them.
+    /// block is read and unpacked once per [`BATCH`] activation rows.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.cols, "activation size");
         assert_eq!(out.len(), m * self.rows, "output size");
         let per_row = self.cols / BLOCK;
-        let mut acts = vec![BlockQ8::default(); m * per_row];
-        for (xr, ar) in x
-            .chunks_exact(self.cols)
-            .zip(acts.chunks_exact_mut(per_row))
-        {
-            quantize_row(xr, ar);
+        let mut acts = vec![ActBlock::default(); m * per_row];
+        match kernel {
+            Kernel::Scalar => quantize_row(x, &mut acts),
+            // SAFETY: every SIMD kernel's CPU has AVX2; `acts` has a block per 32 values of x.
+            #[cfg(target_arch = "x86_64")]
+            _ => unsafe { x86::quantize_row(x, &mut acts) },
         }
         let n = self.rows;
         let out_addr = out.as_mut_ptr() as usize;
-        // SAFETY (for the raw writes): (i, r) is in bounds (asserted sizes) and each r belongs to
+        // Writes activation row i's outputs for group g's rows that exist.
+        // SAFETY: (i, row) is in bounds (asserted sizes, rows < n) and each group belongs to
         // exactly one chunk, so no two workers write the same element.
-        let write = |i: usize, r: usize, value: f32| unsafe {
-            *(out_addr as *mut f32).add(i * n + r) = value
-        };
-        let wide = if kernel.wide_groups() {
-            m - m % WIDE_GROUP
-        } else {
-            0
-        };
-        let grouped = wide + (m - wide) / NARROW_GROUP * NARROW_GROUP;
-        candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            let mut wide_out = [0f32; WIDE_GROUP];
-            let mut narrow_out = [0f32; NARROW_GROUP];
-            for r in range.clone() {
-                for (g, a) in acts[..wide * per_row]
-                    .chunks_exact(WIDE_GROUP * per_row)
-                    .enumerate()
-                {
-                    self.dot_shared(kernel, r, a, &mut wide_out);
-                    for (k, &value) in wide_out.iter().enumerate() {
-                        write(g * WIDE_GROUP + k, r, value);
-                    }
-                }
-                for (g, a) in acts[wide * per_row..grouped * per_row]
-                    .chunks_exact(NARROW_GROUP * per_row)
-                    .enumerate()
-                {
-                    self.dot_shared(kernel, r, a, &mut narrow_out);
-                    for (k, &value) in narrow_out.iter().enumerate() {
-                        write(wide + g * NARROW_GROUP + k, r, value);
-                    }
-                }
+        let write = |i: usize, g: usize, values: &[f32; GROUP]| {
+            let first = g * GROUP;
+            let len = GROUP.min(n - first);
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr(),
+                    (out_addr as *mut f32).add(i * n + first),
+                    len,
+                )
             }
-            for i in grouped..m {
-                // SAFETY: this chunk's rows of output row i; as for `write`.
-                let segment = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (out_addr as *mut f32).add(i * n + range.start),
-                        range.len(),
-                    )
-                };
-                let a = &acts[i * per_row..(i + 1) * per_row];
-                self.dot_each_row(kernel, range.clone(), a, segment);
+        };
+        let full = m - m % BATCH;
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GROUP), |groups| {
+            let mut batch_out = [[0f32; GROUP]; BATCH];
+            let mut single_out = [[0f32; GROUP]; 1];
+            for g in groups {
+                for (c, a) in acts[..full * per_row]
+                    .chunks_exact(BATCH * per_row)
+                    .enumerate()
+                {
+                    self.dot_group(kernel, g, a, &mut batch_out);
+                    for (k, values) in batch_out.iter().enumerate() {
+                        write(c * BATCH + k, g, values);
+                    }
+                }
+                for i in full..m {
+                    let a = &acts[i * per_row..(i + 1) * per_row];
+                    self.dot_group(kernel, g, a, &mut single_out);
+                    write(i, g, &single_out[0]);
+                }
             }
         });
     }
@@ -403,6 +338,10 @@ impl QuantMatrix {
         self.matmul_with(Kernel::detected(), x, m, out)
     }
 }
+
+/// Activation rows that share one unpacking of each weight block in a batched matmul (the rest
+/// run one by one; a row's result does not depend on which way it ran).
+const BATCH: usize = 4;
 
 /// `x` (.., in) → (.., out) through a [`QuantMatrix`], as a candle op on CPU f32 tensors.
 #[derive(Debug, Clone)]

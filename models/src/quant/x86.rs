@@ -1,235 +1,296 @@
-//! x86-64 dot products of weight blocks with activation blocks, one module per instruction set
-//! (chosen at run time by [`super::Kernel::detected`]). All share one shape: per block an 8-lane
-//! i32 vector of Σq_w·q_a partial sums, scaled by d_w·d_a into an f32 accumulator, plus the
-//! scalar offset term m_w·sum_a of Q4_0/Q4_1.
+//! x86-64 kernels, one module per instruction set (chosen at run time by
+//! [`super::Kernel::detected`]). One call multiplies the 8 weight rows of a row group with `R`
+//! activation rows: each weight block is loaded and unpacked once for all of them, and for each
+//! activation row every weight row's exact integer block sum lands in its own lane, then takes
+//! the same f32 steps as the portable kernel ([`super::blocks`]): results are bit-identical
+//! across kernels and whatever `R` a row is computed in.
 
-use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8, BlockQ8_0};
+use super::blocks::{ActBlock, ByteGroup, NibbleGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Dot products of one weight row with `R` activation rows (`$a` holds them back to back): each
-/// weight block is unpacked once by `$weight` (giving its byte operand and [d_w, m_w, ..]) and
-/// multiplied into every activation row by `$ints`. One accumulator per row (a second chain per
-/// row measured slower: the registers spill). A row's result is the same whatever `R` it is
-/// computed in, so a sequence gets identical logits alone or batched.
-macro_rules! shared_weight_rows {
-    ($w:expr, $a:expr, $out:expr, $R:expr, |$wb:ident| $weight:expr, |$wq:ident, $ab:ident| $ints:expr) => {{
-        let n = $w.len();
-        let mut acc = [_mm256_setzero_ps(); $R];
-        let mut offsets = [_mm_setzero_ps(); $R];
-        for b in 0..n {
-            let $wb = $w.get_unchecked(b);
-            let ($wq, dm) = $weight;
-            for r in 0..$R {
-                let $ab = $a.get_unchecked(r * n + b);
-                let ints = $ints;
-                accumulate(ints, dm, $ab, &mut acc[r], &mut offsets[r]);
-            }
-        }
-        for r in 0..$R {
-            $out[r] = finish(acc[r], offsets[r]);
-        }
-    }};
-}
-
-/// Generates the kernels of one instruction set; `$dot` multiplies unsigned bytes by signed
-/// bytes and sums each four adjacent products into an i32 lane.
+/// Generates the kernels of one instruction set. `dot_acc` adds the products of unsigned bytes
+/// (`x`) and signed bytes (`y`), four adjacent ones per i32 lane, to `acc`. Q8_0 weights are
+/// signed, so `byte_operand` makes the unsigned operand of a weight vector `w`, `byte_dot`
+/// multiplies it (`wu`, with the signed weights `ws`) into activations `a`, and `byte_fix`
+/// corrects a lane sum `s` of activation block `ab` for the operand's transformation.
 macro_rules! kernels {
-    ($module:ident, $features:literal, |$x:ident, $y:ident| $dot:expr) => {
+    (
+        $module:ident,
+        $features:literal,
+        dot_acc: |$acc:ident, $x:ident, $y:ident| $dot:expr,
+        byte_operand: |$w:ident| $operand:expr,
+        byte_dot: |$bacc:ident, $wu:ident, $ws:ident, $a:ident| $bdot:expr,
+        byte_fix: |$s:ident, $ab:ident| $fix:expr $(,)?
+    ) => {
         pub mod $module {
             use super::*;
 
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn dot_u8_i8($x: __m256i, $y: __m256i) -> __m256i {
+            unsafe fn dot_acc($acc: __m256i, $x: __m256i, $y: __m256i) -> __m256i {
                 $dot
             }
 
-            /// 32 nibbles as bytes: low nibbles are values 0..16, high nibbles 16..32.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn unpack_nibbles(qs: &[u8; 16]) -> __m256i {
-                let packed = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(packed, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                _mm256_set_m128i(hi, lo)
+            #[allow(unused_variables)]
+            unsafe fn byte_operand($w: __m256i) -> __m256i {
+                $operand
             }
 
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn acts(a: &BlockQ8) -> __m256i {
-                _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)
-            }
-
-            /// [d_a, sum_a, 0, 0]
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn act_scales(a: &BlockQ8) -> __m128 {
-                _mm_castsi128_ps(_mm_loadl_epi64(a as *const BlockQ8 as *const __m128i))
-            }
-
-            /// Accumulates one block: `ints` are its partial sums, `dm` = [d_w, m_w, ..].
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn accumulate(
-                ints: __m256i,
-                dm: __m128,
-                a: &BlockQ8,
-                acc: &mut __m256,
-                offsets: &mut __m128,
-            ) {
-                let scaled = _mm_mul_ps(dm, act_scales(a)); // [d_w·d_a, m_w·sum_a, ..]
-                *offsets = _mm_add_ps(*offsets, scaled);
-                *acc = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(ints),
-                    _mm256_broadcastss_ps(scaled),
-                    *acc,
-                );
+            #[allow(unused_variables)]
+            unsafe fn byte_dot($bacc: __m256i, $wu: __m256i, $ws: __m256i, $a: __m256i) -> __m256i {
+                $bdot
             }
 
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn finish(acc: __m256, offsets: __m128) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_movehdup_ps(offsets))
+            #[allow(unused_variables)]
+            unsafe fn byte_fix($s: __m256i, $ab: &ActBlock) -> __m256i {
+                $fix
             }
 
-            /// Every row of `w` (rows of `a.len()` blocks) · `a`, into `out`: the same arithmetic
-            /// as [`dot_q4_0_rows`] with one row, without a call per row.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn load<T>(p: &T) -> __m256i {
+                _mm256_loadu_si256(p as *const T as *const __m256i)
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn load_f16(p: &[half::f16; GROUP]) -> __m256 {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr() as *const __m128i))
+            }
+
+            /// Lane sums of the four pair vectors (pair p: row p in lanes 0..4, row p + 4 in
+            /// lanes 4..8) as one vector with row r's block sum in lane r.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn row_sums(s: [__m256i; 4]) -> __m256i {
+                _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]))
+            }
+
+            /// acc += ints·(d_w·d_a), lane by lane, as the portable kernel does.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn scale_into(ints: __m256i, d: __m256, ab: &ActBlock, acc: &mut __m256) {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), scale, *acc);
+            }
+
+            /// The 8 rows of a Q4_0/Q4_1 group (`w`: one group per block) · `R` activation rows
+            /// stored back to back in `a`; `out[r][k]` is activation row r · weight row k.
             ///
             /// # Safety
-            /// The CPU has this module's features; `out` has one entry per row of `w`.
+            /// The CPU has this module's features; `a` holds `R * w.len()` blocks.
             #[target_feature(enable = $features)]
-            pub unsafe fn dot_q4_0_each_row(w: &[BlockQ4_0], a: &[BlockQ8], out: &mut [f32]) {
-                for (row, o) in w.chunks_exact(a.len()).zip(out.iter_mut()) {
-                    dot_q4_0_rows::<1>(
-                        row,
-                        a,
-                        std::slice::from_mut(o).try_into().unwrap_unchecked(),
-                    );
+            pub unsafe fn dot_nibble_rows<const R: usize>(
+                w: &[NibbleGroup],
+                a: &[ActBlock],
+                out: &mut [[f32; GROUP]; R],
+            ) {
+                let n = w.len();
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut offsets = [_mm256_setzero_ps(); R];
+                for b in 0..n {
+                    let g = w.get_unchecked(b);
+                    let (d, m) = (load_f16(&g.d), load_f16(&g.m));
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for p in 0..4 {
+                        let packed = load(&g.qs[p]);
+                        lo[p] = _mm256_and_si256(packed, mask);
+                        hi[p] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                    }
+                    for r in 0..R {
+                        let ab = a.get_unchecked(r * n + b);
+                        let (alo, ahi) = (load(&ab.lo), load(&ab.hi));
+                        let mut s = [_mm256_setzero_si256(); 4];
+                        for p in 0..4 {
+                            s[p] = dot_acc(dot_acc(s[p], lo[p], alo), hi[p], ahi);
+                        }
+                        scale_into(row_sums(s), d, ab, &mut acc[r]);
+                        offsets[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.sum), offsets[r]);
+                    }
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], offsets[r]));
                 }
             }
 
-            /// As [`dot_q4_0_each_row`], for Q4_1.
+            /// As [`dot_nibble_rows`], for Q8_0 groups.
             ///
             /// # Safety
-            /// The CPU has this module's features; `out` has one entry per row of `w`.
+            /// The CPU has this module's features; `a` holds `R * w.len()` blocks.
             #[target_feature(enable = $features)]
-            pub unsafe fn dot_q4_1_each_row(w: &[BlockQ4_1], a: &[BlockQ8], out: &mut [f32]) {
-                for (row, o) in w.chunks_exact(a.len()).zip(out.iter_mut()) {
-                    dot_q4_1_rows::<1>(
-                        row,
-                        a,
-                        std::slice::from_mut(o).try_into().unwrap_unchecked(),
-                    );
+            pub unsafe fn dot_byte_rows<const R: usize>(
+                w: &[ByteGroup],
+                a: &[ActBlock],
+                out: &mut [[f32; GROUP]; R],
+            ) {
+                let n = w.len();
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..n {
+                    let g = w.get_unchecked(b);
+                    let d = load_f16(&g.d);
+                    let mut ws = [[_mm256_setzero_si256(); 4]; 2];
+                    let mut wu = [[_mm256_setzero_si256(); 4]; 2];
+                    for p in 0..4 {
+                        ws[0][p] = load(&g.lo[p]);
+                        ws[1][p] = load(&g.hi[p]);
+                        wu[0][p] = byte_operand(ws[0][p]);
+                        wu[1][p] = byte_operand(ws[1][p]);
+                    }
+                    for r in 0..R {
+                        let ab = a.get_unchecked(r * n + b);
+                        let (alo, ahi) = (load(&ab.lo), load(&ab.hi));
+                        let mut s = [_mm256_setzero_si256(); 4];
+                        for p in 0..4 {
+                            s[p] = byte_dot(s[p], wu[0][p], ws[0][p], alo);
+                            s[p] = byte_dot(s[p], wu[1][p], ws[1][p], ahi);
+                        }
+                        scale_into(byte_fix(row_sums(s), ab), d, ab, &mut acc[r]);
+                    }
                 }
-            }
-
-            /// As [`dot_q4_0_each_row`], for Q8_0.
-            ///
-            /// # Safety
-            /// The CPU has this module's features; `out` has one entry per row of `w`.
-            #[target_feature(enable = $features)]
-            pub unsafe fn dot_q8_0_each_row(w: &[BlockQ8_0], a: &[BlockQ8], out: &mut [f32]) {
-                for (row, o) in w.chunks_exact(a.len()).zip(out.iter_mut()) {
-                    dot_q8_0_rows::<1>(
-                        row,
-                        a,
-                        std::slice::from_mut(o).try_into().unwrap_unchecked(),
-                    );
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
                 }
-            }
-
-            /// One weight row (Q4_0) with `R` activation rows stored back to back.
-            ///
-            /// # Safety
-            /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
-            #[target_feature(enable = $features)]
-            #[inline]
-            pub unsafe fn dot_q4_0_rows<const R: usize>(
-                w: &[BlockQ4_0],
-                a: &[BlockQ8],
-                out: &mut [f32; R],
-            ) {
-                let minus_eight = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
-                shared_weight_rows!(
-                    w,
-                    a,
-                    out,
-                    R,
-                    |wb| {
-                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32));
-                        (
-                            unpack_nibbles(&wb.qs),
-                            _mm_mul_ps(_mm_shuffle_ps(d, d, 0), minus_eight),
-                        )
-                    },
-                    |wq, ab| dot_u8_i8(wq, acts(ab))
-                )
-            }
-
-            /// One weight row (Q4_1) with `R` activation rows stored back to back.
-            ///
-            /// # Safety
-            /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
-            #[target_feature(enable = $features)]
-            #[inline]
-            pub unsafe fn dot_q4_1_rows<const R: usize>(
-                w: &[BlockQ4_1],
-                a: &[BlockQ8],
-                out: &mut [f32; R],
-            ) {
-                shared_weight_rows!(
-                    w,
-                    a,
-                    out,
-                    R,
-                    |wb| {
-                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                            wb as *const BlockQ4_1 as *const i32,
-                        )));
-                        (unpack_nibbles(&wb.qs), dm)
-                    },
-                    |wq, ab| dot_u8_i8(wq, acts(ab))
-                )
-            }
-
-            /// One weight row (Q8_0) with `R` activation rows stored back to back.
-            ///
-            /// # Safety
-            /// The CPU has this module's features; `a` holds `R` rows of `w.len()` blocks.
-            #[target_feature(enable = $features)]
-            #[inline]
-            pub unsafe fn dot_q8_0_rows<const R: usize>(
-                w: &[BlockQ8_0],
-                a: &[BlockQ8],
-                out: &mut [f32; R],
-            ) {
-                shared_weight_rows!(
-                    w,
-                    a,
-                    out,
-                    R,
-                    |wb| {
-                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32));
-                        (_mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i), d)
-                    },
-                    |q, ab| dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(acts(ab), q))
-                )
             }
         }
     };
 }
 
-kernels!(avx2, "avx2,fma,f16c", |x, y| _mm256_madd_epi16(
-    _mm256_maddubs_epi16(x, y),
-    _mm256_set1_epi16(1)
-));
-kernels!(avx_vnni, "avx2,fma,f16c,avxvnni", |x, y| {
-    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
-});
-kernels!(avx512_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", |x, y| {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
-});
+// AVX2 has no unsigned×signed byte dot product into i32: maddubs (pairs into saturating i16,
+// exact here: |15·127·2| and |128·127·2| fit) then madd with ones. Q8_0 takes the sign trick:
+// |w| · (a with w's sign).
+kernels!(
+    avx2,
+    "avx2,fma,f16c",
+    dot_acc: |acc, x, y| _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+    ),
+    byte_operand: |w| _mm256_abs_epi8(w),
+    byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, _mm256_sign_epi8(a, ws)),
+    byte_fix: |s, ab| s,
+);
+
+// The VNNI kernels take Q8_0 weights as unsigned bytes w + 128 and subtract 128·Σa per block.
+kernels!(
+    avx_vnni,
+    "avx2,fma,f16c,avxvnni",
+    dot_acc: |acc, x, y| _mm256_dpbusd_avx_epi32(acc, x, y),
+    byte_operand: |w| _mm256_xor_si256(w, _mm256_set1_epi8(-128)),
+    byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, a),
+    byte_fix: |s, ab| _mm256_sub_epi32(s, _mm256_set1_epi32(ab.offset)),
+);
+kernels!(
+    avx512_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dot_acc: |acc, x, y| _mm256_dpbusd_epi32(acc, x, y),
+    byte_operand: |w| _mm256_xor_si256(w, _mm256_set1_epi8(-128)),
+    byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, a),
+    byte_fix: |s, ab| _mm256_sub_epi32(s, _mm256_set1_epi32(ab.offset)),
+);
+
+/// [`super::blocks::quantize_row`] with AVX2, value for value (including its NaN → 0 and
+/// saturation rules).
+///
+/// # Safety
+/// The CPU has AVX2; `x` holds `out.len()` blocks of 32 values.
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    const BLOCK: usize = super::blocks::BLOCK;
+    assert_eq!(x.len(), out.len() * BLOCK);
+    let sign = _mm256_set1_ps(-0.0);
+    for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(values.as_ptr().add(8 * i)));
+        // max(|v|, acc) keeps acc where |v| is NaN, as f32::max does.
+        let mut amax = _mm256_setzero_ps();
+        for vi in v {
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, vi), amax);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
+        let amax = lanes.iter().fold(0f32, |m, &l| m.max(l));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            let scaled = _mm256_mul_ps(v[i], inv);
+            let rounded = _mm256_add_ps(scaled, _mm256_or_ps(_mm256_and_ps(scaled, sign), half));
+            // As `as i8`: NaN becomes 0, the rest saturates (a subnormal scale overflows `inv`).
+            let rounded = _mm256_and_ps(rounded, _mm256_cmp_ps(rounded, rounded, _CMP_ORD_Q));
+            let clamped = _mm256_min_ps(
+                _mm256_max_ps(rounded, _mm256_set1_ps(-128.0)),
+                _mm256_set1_ps(127.0),
+            );
+            _mm256_cvttps_epi32(clamped)
+        });
+        let words = [
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        ];
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(words[0], words[1]),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(
+            block.lo.as_mut_ptr() as *mut __m256i,
+            _mm256_permute2x128_si256(bytes, bytes, 0x00),
+        );
+        _mm256_storeu_si256(
+            block.hi.as_mut_ptr() as *mut __m256i,
+            _mm256_permute2x128_si256(bytes, bytes, 0x11),
+        );
+        // Σq from the saturated bytes, as the portable code sums its stored values.
+        let sums = _mm256_sad_epu8(
+            _mm256_xor_si256(bytes, _mm256_set1_epi8(-128)),
+            _mm256_setzero_si256(),
+        );
+        let mut parts = [0i64; 4];
+        _mm256_storeu_si256(parts.as_mut_ptr() as *mut __m256i, sums);
+        let total = parts.iter().sum::<i64>() as i32 - 128 * BLOCK as i32;
+        block.d = d;
+        block.sum = d * total as f32;
+        block.offset = 128 * total;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::SeededRng;
+
+    #[test]
+    fn simd_quantization_equals_the_portable_one() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = SeededRng::new(5);
+        let mut x: Vec<f32> = (0..32 * 40).map(|_| (rng.next_f32() - 0.5) * 8.0).collect();
+        // Ties, zeros, a lone NaN, infinities, subnormals and huge values in some blocks.
+        x[32..64].fill(0.0);
+        x[64] = f32::NAN;
+        x[96] = f32::INFINITY;
+        x[130] = f32::NEG_INFINITY;
+        x[160..192].iter_mut().for_each(|v| *v *= 1e-40);
+        x[192] = 3e38;
+        for (i, v) in x[224..256].iter_mut().enumerate() {
+            *v = i as f32 - 15.5;
+        }
+        let mut portable = vec![ActBlock::default(); 40];
+        let mut simd = vec![ActBlock::default(); 40];
+        super::super::blocks::quantize_row(&x, &mut portable);
+        // SAFETY: AVX2 detected above; sizes match.
+        unsafe { quantize_row(&x, &mut simd) };
+        for (b, (p, s)) in portable.iter().zip(&simd).enumerate() {
+            assert_eq!((p.lo, p.hi, p.offset), (s.lo, s.hi, s.offset), "block {b}");
+            assert_eq!(p.d.to_bits(), s.d.to_bits(), "block {b}");
+            assert_eq!(p.sum.to_bits(), s.sum.to_bits(), "block {b}");
+        }
+    }
+}
