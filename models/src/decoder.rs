@@ -56,15 +56,10 @@ impl LayerWeights {
 
     /// silu(gate(x)) * up(x).
     fn gated(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = match &self.gate_up {
-            Some(gate_up) => {
-                let all = gate_up.forward(x)?;
-                let ffn = self.gate.out_features();
-                (all.narrow(1, 0, ffn)?, all.narrow(1, ffn, ffn)?)
-            }
-            None => (self.gate.forward(x)?, self.up.forward(x)?),
-        };
-        candle_nn::ops::silu(&gate)? * up
+        match &self.gate_up {
+            Some(gate_up) => crate::swiglu::swiglu(&gate_up.forward(x)?),
+            None => candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?,
+        }
     }
 }
 
@@ -430,19 +425,27 @@ impl Decoder {
         batch: &mut [SequenceStep<'_>],
         direct: &[bool],
     ) -> Result<Vec<f32>> {
-        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
         let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);
         let (q_width, kv_width) = (heads * head_dim, self.cfg.num_kv_heads * head_dim);
         let chosen: Vec<usize> = (0..batch.len()).filter(|&i| direct[i]).collect();
-        for &i in &chosen {
+        let (q_store, q_layout) = q.storage_and_layout();
+        let (k_store, k_layout) = k.storage_and_layout();
+        let (v_store, v_layout) = v.storage_and_layout();
+        let (q_rows, k_rows, v_rows) = (
+            HostRows::new(&q_store, q_layout)?,
+            HostRows::new(&k_store, k_layout)?,
+            HostRows::new(&v_store, v_layout)?,
+        );
+        // Each direct sequence's query, rotated; keys are rotated on their way into the cache.
+        let mut q = vec![0f32; chosen.len() * q_width];
+        let mut k_row = vec![0f32; kv_width];
+        for (&i, q) in chosen.iter().zip(q.chunks_exact_mut(q_width)) {
             let (row, rope) = (spans[i].row, &spans[i].rope);
-            self.rope
-                .apply_row(&mut q[row * q_width..(row + 1) * q_width], rope);
-            let k_row = &mut k[row * kv_width..(row + 1) * kv_width];
-            self.rope.apply_row(k_row, rope);
-            let v_row = &v[row * kv_width..(row + 1) * kv_width];
-            batch[i].cache.append_row(layer, k_row, v_row)?;
+            q.copy_from_slice(q_rows.row(row));
+            self.rope.apply_row(q, rope);
+            k_row.copy_from_slice(k_rows.row(row));
+            self.rope.apply_row(&mut k_row, rope);
+            batch[i].cache.append_row(layer, &k_row, v_rows.row(row))?;
         }
         let buffers = chosen
             .iter()
@@ -709,6 +712,37 @@ impl Decoder {
             offset += n;
         }
         Ok(out)
+    }
+}
+
+/// Rows of a 2-D f32 CPU tensor whose rows are contiguous (e.g. a column range of a wider
+/// tensor), read in place.
+struct HostRows<'a> {
+    data: &'a [f32],
+    offset: usize,
+    stride: usize,
+    width: usize,
+}
+
+impl<'a> HostRows<'a> {
+    fn new(storage: &'a Storage, layout: &Layout) -> Result<Self> {
+        let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+            candle_core::bail!("expected an f32 CPU tensor");
+        };
+        match (layout.shape().dims(), layout.stride()) {
+            (&[_, width], &[stride, 1]) => Ok(Self {
+                data,
+                offset: layout.start_offset(),
+                stride,
+                width,
+            }),
+            _ => candle_core::bail!("expected a 2-D tensor with contiguous rows"),
+        }
+    }
+
+    fn row(&self, r: usize) -> &'a [f32] {
+        let start = self.offset + r * self.stride;
+        &self.data[start..start + self.width]
     }
 }
 

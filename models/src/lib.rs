@@ -17,6 +17,7 @@ pub mod quant;
 pub mod rope;
 pub mod safetensors;
 pub mod source;
+mod swiglu;
 pub mod testing;
 pub mod tokenizer;
 pub mod vision;

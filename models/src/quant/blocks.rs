@@ -174,17 +174,17 @@ pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
 }
 
 /// One block's f32 contribution from its exact integer sum: the arithmetic every kernel does
-/// per row and block, in this order, so that kernels differ only in how they get `ints`.
+/// per row and block, in this order, so that kernels differ only in how they get `ints` (Q8_0
+/// kernels may skip the second step, whose m_w is 0).
 #[inline(always)]
-fn block_terms(ints: i32, d_w: f32, m_w: f32, a: &ActBlock, acc: &mut f32, offsets: &mut f32) {
+fn block_terms(ints: i32, d_w: f32, m_w: f32, a: &ActBlock, acc: &mut f32) {
     *acc = (ints as f32).mul_add(d_w * a.d, *acc);
-    *offsets = m_w.mul_add(a.sum, *offsets);
+    *acc = m_w.mul_add(a.sum, *acc);
 }
 
 /// Rows of one nibble group · activation row `a` (one block per group), lane by lane.
 pub fn dot_nibbles(w: &[NibbleGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
     let mut acc = [0f32; GROUP];
-    let mut offsets = [0f32; GROUP];
     for (g, ab) in w.iter().zip(a) {
         for lane in 0..GROUP {
             let (pair, half) = pair_of(lane);
@@ -196,18 +196,15 @@ pub fn dot_nibbles(w: &[NibbleGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
                 })
                 .sum();
             let (d, m) = (g.d[lane].to_f32(), g.m[lane].to_f32());
-            block_terms(ints, d, m, ab, &mut acc[lane], &mut offsets[lane]);
+            block_terms(ints, d, m, ab, &mut acc[lane]);
         }
     }
-    for lane in 0..GROUP {
-        out[lane] = acc[lane] + offsets[lane];
-    }
+    *out = acc;
 }
 
 /// As [`dot_nibbles`], for Q8_0 groups.
 pub fn dot_bytes(w: &[ByteGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
     let mut acc = [0f32; GROUP];
-    let mut offsets = [0f32; GROUP];
     for (g, ab) in w.iter().zip(a) {
         for lane in 0..GROUP {
             let (pair, half) = pair_of(lane);
@@ -217,17 +214,8 @@ pub fn dot_bytes(w: &[ByteGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
                         + g.hi[pair][half * 16 + j] as i32 * ab.q(j + 16)
                 })
                 .sum();
-            block_terms(
-                ints,
-                g.d[lane].to_f32(),
-                0.0,
-                ab,
-                &mut acc[lane],
-                &mut offsets[lane],
-            );
+            block_terms(ints, g.d[lane].to_f32(), 0.0, ab, &mut acc[lane]);
         }
     }
-    for lane in 0..GROUP {
-        out[lane] = acc[lane] + offsets[lane];
-    }
+    *out = acc;
 }

@@ -11,6 +11,7 @@ mod x86;
 pub use blocks::{quantize_row, ActBlock, ByteGroup, NibbleGroup, BLOCK, GROUP};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
@@ -69,7 +70,10 @@ impl Kernel {
             if is_x86_feature_detected!("avxvnni") {
                 kernels.push(Kernel::AvxVnni);
             }
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+            {
                 kernels.push(Kernel::Avx512Vnni);
             }
         }
@@ -284,6 +288,14 @@ impl QuantMatrix {
     /// candle's CPU worker pool; every activation row is quantized once per call and each weight
     /// block is read and unpacked once per [`BATCH`] activation rows.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
+        // SAFETY: f32 and MaybeUninit<f32> share their layout, and only f32 values are written.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.matmul_into(kernel, x, m, out)
+    }
+
+    /// [`Self::matmul_with`] into memory that need not be initialized: every element of `out`
+    /// is written.
+    fn matmul_into(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>]) {
         assert_eq!(x.len(), m * self.cols, "activation size");
         assert_eq!(out.len(), m * self.rows, "output size");
         let per_row = self.cols / BLOCK;
@@ -310,18 +322,39 @@ impl QuantMatrix {
                 )
             }
         };
-        let full = m - m % BATCH;
+        // AVX-512 takes 16 rows at a time in its lanes; the rest share weights 4 at a time.
+        #[cfg(target_arch = "x86_64")]
+        let lane_rows = if kernel == Kernel::Avx512Vnni {
+            m - m % x86::avx512_lanes::LANES
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let lane_rows = 0;
+        #[cfg(target_arch = "x86_64")]
+        let lane_acts: Vec<Vec<x86::avx512_lanes::LaneBlock>> = acts[..lane_rows * per_row]
+            .chunks_exact(x86::avx512_lanes::LANES * per_row)
+            .map(|a| x86::avx512_lanes::lane_blocks(a, per_row))
+            .collect();
+        let full = lane_rows + (m - lane_rows) / BATCH * BATCH;
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GROUP), |groups| {
             let mut batch_out = [[0f32; GROUP]; BATCH];
             let mut single_out = [[0f32; GROUP]; 1];
             for g in groups {
-                for (c, a) in acts[..full * per_row]
+                #[cfg(target_arch = "x86_64")]
+                for (c, a) in lane_acts.iter().enumerate() {
+                    let values = self.dot_group_lanes(g, a);
+                    for (k, values) in values.iter().enumerate() {
+                        write(c * x86::avx512_lanes::LANES + k, g, values);
+                    }
+                }
+                for (c, a) in acts[lane_rows * per_row..full * per_row]
                     .chunks_exact(BATCH * per_row)
                     .enumerate()
                 {
                     self.dot_group(kernel, g, a, &mut batch_out);
                     for (k, values) in batch_out.iter().enumerate() {
-                        write(c * BATCH + k, g, values);
+                        write(lane_rows + c * BATCH + k, g, values);
                     }
                 }
                 for i in full..m {
@@ -331,6 +364,27 @@ impl QuantMatrix {
                 }
             }
         });
+    }
+
+    /// Row group `g`'s 8 rows · 16 activation rows on AVX-512 lanes, as [activation row][k].
+    #[cfg(target_arch = "x86_64")]
+    fn dot_group_lanes(
+        &self,
+        g: usize,
+        a: &[x86::avx512_lanes::LaneBlock],
+    ) -> [[f32; GROUP]; x86::avx512_lanes::LANES] {
+        use x86::avx512_lanes::{dot_byte_lanes, dot_nibble_lanes, LANES};
+        let slots = self.slot_range(g..g + 1);
+        let mut by_weight_row = [[0f32; LANES]; GROUP];
+        // SAFETY: called only for `Kernel::Avx512Vnni`, whose CPU has AVX-512 F and VNNI;
+        // `a` has a lane block per block of a row.
+        unsafe {
+            match self.groups.as_ref() {
+                Groups::Nibbles(w) => dot_nibble_lanes(&w[slots], a, &mut by_weight_row),
+                Groups::Bytes(w) => dot_byte_lanes(&w[slots], a, &mut by_weight_row),
+            }
+        }
+        std::array::from_fn(|j| std::array::from_fn(|r| by_weight_row[r][j]))
     }
 
     /// [`Self::matmul_with`] on this CPU's fastest kernel.
@@ -368,8 +422,16 @@ impl CustomOp1 for QuantMatMul {
             );
         }
         let m = x.len() / cols;
-        let mut out = vec![0f32; m * self.0.rows];
-        self.0.matmul(x, m, &mut out);
+        let len = m * self.0.rows;
+        let mut out = Vec::with_capacity(len);
+        self.0.matmul_into(
+            Kernel::detected(),
+            x,
+            m,
+            &mut out.spare_capacity_mut()[..len],
+        );
+        // SAFETY: `matmul_into` wrote all `len` elements.
+        unsafe { out.set_len(len) };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = self.0.rows;
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))

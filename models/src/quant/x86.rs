@@ -94,7 +94,6 @@ macro_rules! kernels {
                 let n = w.len();
                 let mask = _mm256_set1_epi8(0x0F);
                 let mut acc = [_mm256_setzero_ps(); R];
-                let mut offsets = [_mm256_setzero_ps(); R];
                 for b in 0..n {
                     let g = w.get_unchecked(b);
                     let (d, m) = (load_f16(&g.d), load_f16(&g.m));
@@ -113,11 +112,11 @@ macro_rules! kernels {
                             s[p] = dot_acc(dot_acc(s[p], lo[p], alo), hi[p], ahi);
                         }
                         scale_into(row_sums(s), d, ab, &mut acc[r]);
-                        offsets[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.sum), offsets[r]);
+                        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.sum), acc[r]);
                     }
                 }
                 for r in 0..R {
-                    _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], offsets[r]));
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
                 }
             }
 
@@ -195,6 +194,186 @@ kernels!(
     byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, a),
     byte_fix: |s, ab| _mm256_sub_epi32(s, _mm256_set1_epi32(ab.offset)),
 );
+
+/// Batches of [`LANES`] activation rows on AVX-512: the activation rows sit in the 16 lanes of
+/// a 512-bit register and each weight row's 4-byte groups are broadcast against them, so a
+/// block costs one multiply-add per 4 values for 16 rows and no horizontal sums. Per (weight
+/// row, activation row) the block's exact integer sum then takes the portable kernel's f32
+/// steps, so results equal the one-row kernels'.
+pub mod avx512_lanes {
+    use super::*;
+    use crate::quant::blocks::BLOCK;
+
+    /// Activation rows per batch.
+    pub const LANES: usize = 16;
+
+    /// One block of 16 activation rows: `q[k][j]` holds values 4k..4k+4 of row j.
+    #[derive(Debug, Clone, Copy)]
+    #[repr(C, align(64))]
+    pub struct LaneBlock {
+        q: [[i32; LANES]; BLOCK / 4],
+        d: [f32; LANES],
+        sum: [f32; LANES],
+        offset: [i32; LANES],
+    }
+
+    /// Rearranges 16 rows of quantized activations (`a`: row after row, `n` blocks each) into
+    /// `n` lane blocks.
+    pub fn lane_blocks(a: &[ActBlock], n: usize) -> Vec<LaneBlock> {
+        let mut blocks = vec![
+            LaneBlock {
+                q: [[0; LANES]; BLOCK / 4],
+                d: [0.0; LANES],
+                sum: [0.0; LANES],
+                offset: [0; LANES],
+            };
+            n
+        ];
+        for (j, row) in a.chunks_exact(n).take(LANES).enumerate() {
+            for (lanes, block) in blocks.iter_mut().zip(row) {
+                let words = block.lo[..16]
+                    .chunks_exact(4)
+                    .chain(block.hi[..16].chunks_exact(4));
+                for (k, word) in words.enumerate() {
+                    lanes.q[k][j] = i32::from_le_bytes([
+                        word[0] as u8,
+                        word[1] as u8,
+                        word[2] as u8,
+                        word[3] as u8,
+                    ]);
+                }
+                lanes.d[j] = block.d;
+                lanes.sum[j] = block.sum;
+                lanes.offset[j] = block.offset;
+            }
+        }
+        blocks
+    }
+
+    /// Unpacked unsigned weight bytes of one group block: `pairs[p][h]` = values 16h..16h+16
+    /// of row p (bytes 0..16) then of row p + 4 (bytes 16..32).
+    #[repr(C, align(64))]
+    struct Unpacked {
+        pairs: [[[u8; 32]; 2]; 4],
+        d: [f32; GROUP],
+        m: [f32; GROUP],
+    }
+
+    impl Unpacked {
+        /// Weight row `r`'s values 4k..4k+4 as one i32 (for a broadcast).
+        #[inline(always)]
+        fn word(&self, r: usize, k: usize) -> i32 {
+            let (pair, half) = (r % 4, r / 4);
+            let bytes = &self.pairs[pair][k / 4][16 * half + 4 * (k % 4)..][..4];
+            i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+        }
+    }
+
+    /// out[r][j] = weight row r of the group · activation row j, from per-block integer sums
+    /// `ints(unpacked, r, acts)` (exact; `acts` are the 16 rows' 4-byte groups).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
+    #[inline]
+    unsafe fn lanes_kernel(
+        n: usize,
+        mut unpack: impl FnMut(usize, &mut Unpacked),
+        a: &[LaneBlock],
+        fix: impl Fn(__m512i, &LaneBlock) -> __m512i,
+        out: &mut [[f32; LANES]; GROUP],
+    ) {
+        let mut unpacked = Unpacked {
+            pairs: [[[0; 32]; 2]; 4],
+            d: [0.0; GROUP],
+            m: [0.0; GROUP],
+        };
+        let mut acc = [_mm512_setzero_ps(); GROUP];
+        for b in 0..n {
+            unpack(b, &mut unpacked);
+            // Through memory on purpose: broadcasts from memory use the load ports, where the
+            // compiler's register shuffles would queue on the one shuffle port.
+            std::hint::black_box(&mut unpacked);
+            let ab = a.get_unchecked(b);
+            let acts: [__m512i; 8] =
+                std::array::from_fn(|k| _mm512_load_si512(ab.q[k].as_ptr() as *const _));
+            let d_a = _mm512_load_ps(ab.d.as_ptr());
+            let sum_a = _mm512_load_ps(ab.sum.as_ptr());
+            for r in 0..GROUP {
+                let mut ints = _mm512_setzero_si512();
+                for (k, &act) in acts.iter().enumerate() {
+                    let w = _mm512_set1_epi32(unpacked.word(r, k));
+                    ints = _mm512_dpbusd_epi32(ints, w, act);
+                }
+                let ints = fix(ints, ab);
+                let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.d[r]), d_a);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, acc[r]);
+            }
+        }
+        for r in 0..GROUP {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
+    /// The 8 rows of a Q4_0/Q4_1 group (`w`: one group per block) · 16 activation rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI; `a` has `w.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
+    pub unsafe fn dot_nibble_lanes(
+        w: &[NibbleGroup],
+        a: &[LaneBlock],
+        out: &mut [[f32; LANES]; GROUP],
+    ) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let unpack = |b: usize, u: &mut Unpacked| {
+            let g = w.get_unchecked(b);
+            for p in 0..4 {
+                let packed = _mm256_loadu_si256(g.qs[p].as_ptr() as *const __m256i);
+                let lo = _mm256_and_si256(packed, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                _mm256_store_si256(u.pairs[p][0].as_mut_ptr() as *mut __m256i, lo);
+                _mm256_store_si256(u.pairs[p][1].as_mut_ptr() as *mut __m256i, hi);
+            }
+            let half = |v: &[half::f16; GROUP]| {
+                _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i))
+            };
+            _mm256_store_ps(u.d.as_mut_ptr(), half(&g.d));
+            _mm256_store_ps(u.m.as_mut_ptr(), half(&g.m));
+        };
+        lanes_kernel(w.len(), unpack, a, |ints, _| ints, out)
+    }
+
+    /// As [`dot_nibble_lanes`], for Q8_0 groups: weights taken as unsigned bytes w + 128, then
+    /// 128·Σa subtracted per block.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI; `a` has `w.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
+    pub unsafe fn dot_byte_lanes(
+        w: &[ByteGroup],
+        a: &[LaneBlock],
+        out: &mut [[f32; LANES]; GROUP],
+    ) {
+        let flip = _mm256_set1_epi8(-128);
+        let unpack = |b: usize, u: &mut Unpacked| {
+            let g = w.get_unchecked(b);
+            for p in 0..4 {
+                for (h, half) in [&g.lo[p], &g.hi[p]].into_iter().enumerate() {
+                    let signed = _mm256_loadu_si256(half.as_ptr() as *const __m256i);
+                    let unsigned = _mm256_xor_si256(signed, flip);
+                    _mm256_store_si256(u.pairs[p][h].as_mut_ptr() as *mut __m256i, unsigned);
+                }
+            }
+            _mm256_store_ps(
+                u.d.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr() as *const __m128i)),
+            );
+        };
+        let fix = |ints: __m512i, ab: &LaneBlock| {
+            _mm512_sub_epi32(ints, _mm512_load_si512(ab.offset.as_ptr() as *const _))
+        };
+        lanes_kernel(w.len(), unpack, a, fix, out)
+    }
+}
 
 /// [`super::blocks::quantize_row`] with AVX2, value for value (including its NaN → 0 and
 /// saturation rules).
