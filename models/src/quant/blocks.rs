@@ -186,7 +186,7 @@ fn block_terms(ints: i32, d_w: f32, m_w: f32, a: &ActBlock, acc: &mut f32) {
 pub fn dot_nibbles(w: &[NibbleGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
     let mut acc = [0f32; GROUP];
     for (g, ab) in w.iter().zip(a) {
-        for lane in 0..GROUP {
+        for (lane, acc) in acc.iter_mut().enumerate() {
             let (pair, half) = pair_of(lane);
             let ints: i32 = g.qs[pair][half * 16..half * 16 + 16]
                 .iter()
@@ -196,7 +196,7 @@ pub fn dot_nibbles(w: &[NibbleGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
                 })
                 .sum();
             let (d, m) = (g.d[lane].to_f32(), g.m[lane].to_f32());
-            block_terms(ints, d, m, ab, &mut acc[lane]);
+            block_terms(ints, d, m, ab, acc);
         }
     }
     *out = acc;
@@ -206,7 +206,7 @@ pub fn dot_nibbles(w: &[NibbleGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
 pub fn dot_bytes(w: &[ByteGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
     let mut acc = [0f32; GROUP];
     for (g, ab) in w.iter().zip(a) {
-        for lane in 0..GROUP {
+        for (lane, acc) in acc.iter_mut().enumerate() {
             let (pair, half) = pair_of(lane);
             let ints: i32 = (0..16)
                 .map(|j| {
@@ -214,7 +214,7 @@ pub fn dot_bytes(w: &[ByteGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
                         + g.hi[pair][half * 16 + j] as i32 * ab.q(j + 16)
                 })
                 .sum();
-            block_terms(ints, g.d[lane].to_f32(), 0.0, ab, &mut acc[lane]);
+            block_terms(ints, g.d[lane].to_f32(), 0.0, ab, acc);
         }
     }
     *out = acc;

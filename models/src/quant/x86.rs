@@ -296,7 +296,7 @@ pub mod avx512_lanes {
                 std::array::from_fn(|k| _mm512_load_si512(ab.q[k].as_ptr() as *const _));
             let d_a = _mm512_load_ps(ab.d.as_ptr());
             let sum_a = _mm512_load_ps(ab.sum.as_ptr());
-            for r in 0..GROUP {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let mut ints = _mm512_setzero_si512();
                 for (k, &act) in acts.iter().enumerate() {
                     let w = _mm512_set1_epi32(unpacked.word(r, k));
@@ -304,12 +304,12 @@ pub mod avx512_lanes {
                 }
                 let ints = fix(ints, ab);
                 let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.d[r]), d_a);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, acc[r]);
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, acc[r]);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, *acc);
             }
         }
-        for r in 0..GROUP {
-            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        for (out, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(out.as_mut_ptr(), acc);
         }
     }
 
