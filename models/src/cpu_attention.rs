@@ -47,8 +47,8 @@ impl DecodeQuery<'_> {
         let mut scores = vec![0f32; self.heads * n];
         for_each_head(&mut scores, n, |h, row| {
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { self.head_scores_avx2(h, row) };
             }
             self.head_scores::<Portable>(h, row)
@@ -63,8 +63,8 @@ impl DecodeQuery<'_> {
         for_each_head(&mut out, self.head_dim, |h, acc| {
             let probs = &probs[h * n..(h + 1) * n];
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { self.head_values_avx2(h, probs, acc) };
             }
             self.head_values::<Portable>(h, probs, acc)
@@ -126,19 +126,19 @@ impl DecodeQuery<'_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn head_scores_avx2(&self, h: usize, row: &mut [f32]) {
         self.head_scores::<Avx2>(h, row)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn head_values_avx2(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
         self.head_values::<Avx2>(h, probs, acc)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn attend_head_avx2(
         &self,
         h: usize,
@@ -172,8 +172,8 @@ pub(crate) fn attend_all(queries: &[DecodeQuery<'_>], window: Option<usize>, out
         SCORES.with_borrow_mut(|scores| {
             let (query, h) = (&queries[item / heads], item % heads);
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { query.attend_head_avx2(h, window, scores, acc) };
             }
             query.attend_head::<Portable>(h, window, scores, acc)
@@ -200,12 +200,12 @@ fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + 
 /// Attention's per-key arithmetic, by instruction set; every implementation gives the same
 /// floats, so a result does not depend on the CPU or on which path computed it.
 trait Lanes {
-    /// `q` · each of four keys: per key, eight lanes of running sums of q[i]·k[i] (multiply,
-    /// then add), combined as ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)), plus the products past the
+    /// `q` · each of four keys: per key, eight lanes of running sums of q[i]·k[i] (fused
+    /// multiply-adds), combined as ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)), plus the products past the
     /// last whole eight.
     fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4];
 
-    /// acc[i] += probs[j] · row(j)[i] for j in order (multiply, then add).
+    /// acc[i] += probs[j] · row(j)[i] for j in order (fused multiply-adds).
     fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]);
 }
 
@@ -222,13 +222,13 @@ impl Lanes for Portable {
             for (lane, key) in lanes.iter_mut().zip(&keys) {
                 let kc: &[f32; 8] = key[c..c + 8].try_into().expect("eight values");
                 for i in 0..8 {
-                    lane[i] += qc[i] * kc[i];
+                    lane[i] = qc[i].mul_add(kc[i], lane[i]);
                 }
             }
         }
         std::array::from_fn(|k| {
             let l = &lanes[k];
-            let tail: f32 = (whole..q.len()).map(|i| q[i] * keys[k][i]).sum();
+            let tail = (whole..q.len()).fold(0f32, |t, i| q[i].mul_add(keys[k][i], t));
             ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
         })
     }
@@ -237,14 +237,14 @@ impl Lanes for Portable {
     fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]) {
         for (j, &p) in probs.iter().enumerate() {
             for (a, x) in acc.iter_mut().zip(row(j)) {
-                *a += p * x;
+                *a = p.mul_add(*x, *a);
             }
         }
     }
 }
 
-/// AVX2 registers; only reached from `#[target_feature(enable = "avx2")]` functions called
-/// after detecting AVX2.
+/// AVX2 registers; only reached from `#[target_feature(enable = "avx2,fma")]` functions called
+/// after detecting AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
 
@@ -255,14 +255,13 @@ impl Lanes for Avx2 {
         use std::arch::x86_64::*;
         assert!(keys.iter().all(|k| k.len() == q.len()));
         let whole = q.len() / 8 * 8;
-        // SAFETY: AVX2 is present (see the type's comment); loads stay below `whole`.
+        // SAFETY: AVX2 and FMA are present (see the type's comment); loads stay below `whole`.
         unsafe {
             let mut lanes = [_mm256_setzero_ps(); 4];
             for c in (0..whole).step_by(8) {
                 let qc = _mm256_loadu_ps(q.as_ptr().add(c));
                 for (lane, key) in lanes.iter_mut().zip(&keys) {
-                    let product = _mm256_mul_ps(qc, _mm256_loadu_ps(key.as_ptr().add(c)));
-                    *lane = _mm256_add_ps(*lane, product);
+                    *lane = _mm256_fmadd_ps(qc, _mm256_loadu_ps(key.as_ptr().add(c)), *lane);
                 }
             }
             std::array::from_fn(|k| {
@@ -270,7 +269,7 @@ impl Lanes for Avx2 {
                 // [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s1, _, s2+s3, _].
                 let s = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
                 let t = _mm_add_ps(s, _mm_shuffle_ps(s, s, 0b10_11_00_01));
-                let tail: f32 = (whole..q.len()).map(|i| q[i] * keys[k][i]).sum();
+                let tail = (whole..q.len()).fold(0f32, |t, i| q[i].mul_add(keys[k][i], t));
                 _mm_cvtss_f32(t) + _mm_cvtss_f32(_mm_movehl_ps(t, t)) + tail
             })
         }
@@ -286,7 +285,7 @@ impl Lanes for Avx2 {
         let len = acc.len();
         // 64 outputs at a time stay in eight registers over all keys.
         for (c, out) in acc.chunks_exact_mut(WIDTH).enumerate() {
-            // SAFETY: AVX2 is present; every row is as long as `acc` (asserted), so each
+            // SAFETY: AVX2 and FMA are present; every row is as long as `acc` (asserted), so each
             // 64-value chunk read is in bounds.
             unsafe {
                 let mut sums: [__m256; 8] =
@@ -297,7 +296,7 @@ impl Lanes for Avx2 {
                     let p = _mm256_set1_ps(p);
                     for (r, sum) in sums.iter_mut().enumerate() {
                         let v = _mm256_loadu_ps(values.as_ptr().add(c * WIDTH + 8 * r));
-                        *sum = _mm256_add_ps(*sum, _mm256_mul_ps(p, v));
+                        *sum = _mm256_fmadd_ps(p, v, *sum);
                     }
                 }
                 for (r, sum) in sums.iter().enumerate() {
@@ -331,7 +330,7 @@ mod tests {
 
     #[test]
     fn avx2_lanes_give_the_portable_floats() {
-        if !std::is_x86_feature_detected!("avx2") {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
         let mut rng = SeededRng::new(3);

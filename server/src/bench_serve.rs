@@ -1,5 +1,7 @@
 //! `attune bench --serve`: load on a real server over HTTP. Streams chat requests at several
-//! concurrency levels and reports aggregate generated tokens/s and latency percentiles.
+//! concurrency levels and reports aggregate generated tokens/s (end to end, prefills
+//! included), aggregate decode tokens/s (each stream's rate after its first token, summed over
+//! the streams) and latency percentiles, each throughput also against the first level's.
 
 use crate::local_server;
 use anyhow::Result;
@@ -21,6 +23,17 @@ struct Sample {
     tokens: usize,
 }
 
+impl Sample {
+    /// Tokens per second after the first one (0 when nothing followed it).
+    fn decode_rate(&self) -> f64 {
+        let after_first = (self.latency - self.first_token).as_secs_f64();
+        if self.tokens < 2 || after_first <= 0.0 {
+            return 0.0;
+        }
+        (self.tokens - 1) as f64 / after_first
+    }
+}
+
 /// Runs against `url`, or against a server started in this process from `config`.
 pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Result<()> {
     let in_process = url.is_none();
@@ -33,9 +46,9 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
         "server: {base} | {} generated tokens per request (greedy, chat) | {} requests per stream",
         load.max_tokens, load.requests_per_stream
     );
-    println!("| concurrent streams | requests | aggregate tok/s | per-stream tok/s | p50 latency s | p99 latency s | p50 TTFT s |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let mut single = None;
+    println!("| concurrent streams | requests | aggregate tok/s | vs first level | aggregate decode tok/s | vs first level | p50 latency s | p99 latency s | p50 TTFT s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut first_level = None;
     for &streams in &load.concurrency {
         let started = Instant::now();
         let samples: Vec<Sample> = std::thread::scope(|s| {
@@ -58,16 +71,19 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
         let wall = started.elapsed().as_secs_f64();
         let tokens: usize = samples.iter().map(|s| s.tokens).sum();
         let aggregate = tokens as f64 / wall;
-        single.get_or_insert(aggregate);
+        let decode = streams as f64 * samples.iter().map(Sample::decode_rate).sum::<f64>()
+            / samples.len() as f64;
+        let (first_aggregate, first_decode) = *first_level.get_or_insert((aggregate, decode));
         let pct = |f: fn(&Sample) -> Duration, p: f64| {
             let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64()).collect();
             v.sort_by(f64::total_cmp);
             v[((v.len() - 1) as f64 * p).round() as usize]
         };
         println!(
-            "| {streams} | {} | {aggregate:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
+            "| {streams} | {} | {aggregate:.1} | {:.2}x | {decode:.1} | {:.2}x | {:.2} | {:.2} | {:.2} |",
             samples.len(),
-            aggregate / streams as f64,
+            aggregate / first_aggregate,
+            decode / first_decode,
             pct(|s| s.latency, 0.5),
             pct(|s| s.latency, 0.99),
             pct(|s| s.first_token, 0.5),

@@ -299,13 +299,7 @@ impl QuantMatrix {
         assert_eq!(x.len(), m * self.cols, "activation size");
         assert_eq!(out.len(), m * self.rows, "output size");
         let per_row = self.cols / BLOCK;
-        let mut acts = vec![ActBlock::default(); m * per_row];
-        match kernel {
-            Kernel::Scalar => quantize_row(x, &mut acts),
-            // SAFETY: every SIMD kernel's CPU has AVX2; `acts` has a block per 32 values of x.
-            #[cfg(target_arch = "x86_64")]
-            _ => unsafe { x86::quantize_row(x, &mut acts) },
-        }
+        let acts = quantize_rows(kernel, x, m, per_row);
         let n = self.rows;
         let out_addr = out.as_mut_ptr() as usize;
         // Writes activation row i's outputs for group g's rows that exist.
@@ -391,6 +385,37 @@ impl QuantMatrix {
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         self.matmul_with(Kernel::detected(), x, m, out)
     }
+}
+
+/// Rows quantized on the calling thread; larger batches are split over the CPU workers.
+const SERIAL_QUANTIZE_ROWS: usize = 8;
+
+/// The `m` rows of `x` (`per_row` blocks each) quantized to activation blocks.
+fn quantize_rows(kernel: Kernel, x: &[f32], m: usize, per_row: usize) -> Vec<ActBlock> {
+    let mut acts = vec![ActBlock::default(); m * per_row];
+    let quantize = |x: &[f32], acts: &mut [ActBlock]| match kernel {
+        Kernel::Scalar => quantize_row(x, acts),
+        // SAFETY: every SIMD kernel's CPU has AVX2; `acts` has a block per 32 values of x.
+        #[cfg(target_arch = "x86_64")]
+        _ => unsafe { x86::quantize_row(x, acts) },
+    };
+    if m <= SERIAL_QUANTIZE_ROWS {
+        quantize(x, &mut acts);
+        return acts;
+    }
+    let (cols, acts_addr) = (per_row * BLOCK, acts.as_mut_ptr() as usize);
+    candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+        // SAFETY: each row belongs to exactly one chunk, so the blocks handed out never
+        // overlap, and `acts` outlives the call.
+        let acts = unsafe {
+            std::slice::from_raw_parts_mut(
+                (acts_addr as *mut ActBlock).add(rows.start * per_row),
+                rows.len() * per_row,
+            )
+        };
+        quantize(&x[rows.start * cols..rows.end * cols], acts);
+    });
+    acts
 }
 
 /// Activation rows that share one unpacking of each weight block in a batched matmul (the rest
