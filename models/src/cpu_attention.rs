@@ -264,14 +264,19 @@ impl Lanes for Avx2 {
                     *lane = _mm256_fmadd_ps(qc, _mm256_loadu_ps(key.as_ptr().add(c)), *lane);
                 }
             }
-            std::array::from_fn(|k| {
-                let l = lanes[k];
+            // Plain loops, not closures: a closure's body would not get AVX2 inlined into it.
+            let mut dots = [0f32; 4];
+            for (k, (dot, l)) in dots.iter_mut().zip(lanes).enumerate() {
                 // [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s1, _, s2+s3, _].
                 let s = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
                 let t = _mm_add_ps(s, _mm_shuffle_ps(s, s, 0b10_11_00_01));
-                let tail = (whole..q.len()).fold(0f32, |t, i| q[i].mul_add(keys[k][i], t));
-                _mm_cvtss_f32(t) + _mm_cvtss_f32(_mm_movehl_ps(t, t)) + tail
-            })
+                let mut tail = 0f32;
+                for i in whole..q.len() {
+                    tail = q[i].mul_add(keys[k][i], tail);
+                }
+                *dot = _mm_cvtss_f32(t) + _mm_cvtss_f32(_mm_movehl_ps(t, t)) + tail;
+            }
+            dots
         }
     }
 
@@ -288,8 +293,10 @@ impl Lanes for Avx2 {
             // SAFETY: AVX2 and FMA are present; every row is as long as `acc` (asserted), so each
             // 64-value chunk read is in bounds.
             unsafe {
-                let mut sums: [__m256; 8] =
-                    std::array::from_fn(|r| _mm256_loadu_ps(out.as_ptr().add(8 * r)));
+                let mut sums = [_mm256_setzero_ps(); 8];
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    *sum = _mm256_loadu_ps(out.as_ptr().add(8 * r));
+                }
                 for (j, &p) in probs.iter().enumerate() {
                     let values = row(j);
                     assert_eq!(values.len(), len);
