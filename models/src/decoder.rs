@@ -140,6 +140,10 @@ impl<'a> SequenceStep<'a> {
     }
 }
 
+/// Longest context whose prefill attention runs row by row on the CPU kernels; past it the
+/// tensor path's matrix products are faster.
+const DIRECT_PREFILL_KEYS: usize = 1024;
+
 /// Rows of one sequence inside the packed step.
 struct Span {
     row: usize,
@@ -463,11 +467,11 @@ impl Decoder {
         let queries = chosen
             .iter()
             .zip(&storages)
+            .zip(q.chunks_exact(q_width))
             .map(
-                |(&i, ((k_storage, k_layout), (v_storage, v_layout), capacity))| {
-                    let row = spans[i].row;
+                |((&i, ((k_storage, k_layout), (v_storage, v_layout), capacity)), q)| {
                     Ok(DecodeQuery {
-                        q: &q[row * q_width..(row + 1) * q_width],
+                        q,
                         k: cpu_f32(k_storage, k_layout)?,
                         v: cpu_f32(v_storage, v_layout)?,
                         heads,
@@ -516,8 +520,11 @@ impl Decoder {
             Some(hooks) if q_len == 1 => hooks.select_keys(&site)?,
             _ => None,
         };
-        if q_len == 1 && self.device.is_cpu() && q.dtype() == DType::F32 {
-            return self.decode_attention_cpu(site, q, selection.as_ref(), step);
+        if self.device.is_cpu()
+            && q.dtype() == DType::F32
+            && (q_len == 1 || key_len <= DIRECT_PREFILL_KEYS)
+        {
+            return self.attention_cpu(site, q, selection.as_ref(), step);
         }
         let (k, v) = match &selection {
             Some(idx) => {
@@ -560,17 +567,26 @@ impl Decoder {
             .reshape((heads, q_len, head_dim))
     }
 
-    /// [`Self::attention`] of one query on the CPU (see [`crate::cpu_attention`]); the same
-    /// hooks at the same points, with the same tensor shapes.
-    fn decode_attention_cpu<'s>(
+    /// [`Self::attention`] on the CPU, query row by query row (see [`crate::cpu_attention`]):
+    /// row i sees keys up to its own position. The same hooks at the same points, with the same
+    /// tensor shapes (future keys' scores are -inf, as the tensor path's mask makes them); with
+    /// no hook on scores or probabilities every (row, head) runs in one pass, with the same
+    /// arithmetic.
+    fn attention_cpu<'s>(
         &self,
         mut site: AttentionSite<'s>,
         q: &Tensor,
         selection: Option<&'s Tensor>,
         step: &mut SequenceStep<'_>,
     ) -> Result<Tensor> {
-        let (heads, _, head_dim) = q.dims3()?;
-        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let (heads, q_len, head_dim) = q.dims3()?;
+        let width = heads * head_dim;
+        // (q_len, heads, head_dim): each query row's heads side by side.
+        let q_rows = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let keys = selection
             .map(|idx| idx.flatten_all()?.to_vec1::<u32>())
             .transpose()?;
@@ -581,43 +597,98 @@ impl Decoder {
             .ok_or_else(|| candle_core::Error::msg("attention before any cache write"))?;
         let (k_storage, k_layout) = k_buf.storage_and_layout();
         let (v_storage, v_layout) = v_buf.storage_and_layout();
-        let query = DecodeQuery {
-            q: &q,
-            k: cpu_f32(&k_storage, k_layout)?,
-            v: cpu_f32(&v_storage, v_layout)?,
-            heads,
-            kv_heads: self.cfg.num_kv_heads,
-            head_dim,
-            capacity: k_buf.dim(1)?,
-            keys: keys.as_deref(),
-            key_len: site.key_len,
-        };
-        let n = query.n_keys();
-        let mut scores = query.scores();
-        if let (None, Some(window)) = (selection, self.cfg.sliding_window) {
-            // Keys more than `window` positions back are out of sight (as in `mask`).
-            let hidden = site.key_len.saturating_sub(window);
-            for row in scores.chunks_exact_mut(n) {
-                row[..hidden].fill(f32::NEG_INFINITY);
+        let (k, v) = (
+            cpu_f32(&k_storage, k_layout)?,
+            cpu_f32(&v_storage, v_layout)?,
+        );
+        let queries = q_rows
+            .chunks_exact(width)
+            .enumerate()
+            .map(|(i, q)| {
+                Ok(DecodeQuery {
+                    q,
+                    k,
+                    v,
+                    heads,
+                    kv_heads: self.cfg.num_kv_heads,
+                    head_dim,
+                    capacity: k_buf.dim(1)?,
+                    keys: keys.as_deref(),
+                    key_len: site.query_start + i + 1,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Keys more than `window` positions back are out of sight (as in `mask`).
+        let window = self.cfg.sliding_window.filter(|_| selection.is_none());
+        let hooked = [HookPoint::Scores, HookPoint::Probs]
+            .iter()
+            .any(|&point| step.hooks_for(point, site.layer).is_some());
+        let mut out = vec![0f32; q_len * width];
+        if hooked {
+            self.hooked_attention_rows(&site, &queries, window, step, &mut out)?;
+        } else {
+            cpu_attention::attend_all(&queries, window, &mut out);
+        }
+        let out = Tensor::from_vec(out, (q_len, heads, head_dim), &self.device)?;
+        if q_len == 1 {
+            out.reshape((heads, 1, head_dim))
+        } else {
+            out.transpose(0, 1)?.contiguous()
+        }
+    }
+
+    /// [`Self::attention_cpu`] with hooks on scores or probabilities: scores of all rows as one
+    /// (heads, q_len, key_len) tensor for the hooks, then softmax and values row by row. Writes
+    /// (q_len, heads, head_dim) into `out`.
+    fn hooked_attention_rows(
+        &self,
+        site: &AttentionSite<'_>,
+        queries: &[DecodeQuery<'_>],
+        window: Option<usize>,
+        step: &mut SequenceStep<'_>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (q_len, heads) = (queries.len(), self.cfg.num_heads);
+        let total = queries.iter().map(|q| q.n_keys()).max().unwrap_or(0);
+        let mut scores = vec![f32::NEG_INFINITY; heads * q_len * total];
+        for (i, query) in queries.iter().enumerate() {
+            let n = query.n_keys();
+            let row_scores = query.scores();
+            for (h, values) in row_scores.chunks_exact(n).enumerate() {
+                let at = (h * q_len + i) * total;
+                scores[at..at + n].copy_from_slice(values);
+                if let Some(window) = window {
+                    let hidden = query.key_len.saturating_sub(window);
+                    scores[at..at + hidden].fill(f32::NEG_INFINITY);
+                }
             }
         }
         let as_tensor =
-            |data: Vec<f32>, last: usize| Tensor::from_vec(data, (heads, 1, last), &self.device);
+            |data: Vec<f32>| Tensor::from_vec(data, (heads, q_len, total), &self.device);
         if let Some(hooks) = step.hooks_for(HookPoint::Scores, site.layer) {
             scores = hooks
-                .scores(&site, as_tensor(scores, n)?)?
+                .scores(site, as_tensor(scores)?)?
                 .flatten_all()?
                 .to_vec1()?;
         }
-        softmax_rows(&mut scores, n);
+        softmax_rows(&mut scores, total);
         let mut probs = scores;
         if let Some(hooks) = step.hooks_for(HookPoint::Probs, site.layer) {
             probs = hooks
-                .probs(&site, as_tensor(probs, n)?)?
+                .probs(site, as_tensor(probs)?)?
                 .flatten_all()?
                 .to_vec1()?;
         }
-        as_tensor(query.weighted_values(&probs), head_dim)
+        let width = heads * self.cfg.head_dim;
+        for ((i, query), out) in queries.iter().enumerate().zip(out.chunks_exact_mut(width)) {
+            // Each head's probabilities of the keys this row sees.
+            let n = query.n_keys();
+            let row_probs: Vec<f32> = (0..heads)
+                .flat_map(|h| probs[(h * q_len + i) * total..][..n].iter().copied())
+                .collect();
+            out.copy_from_slice(&query.weighted_values(&row_probs));
+        }
+        Ok(())
     }
 
     /// Additive mask (q_len, key_len) for causality and Mistral's sliding window; `None` when

@@ -114,6 +114,33 @@ fn batched_sequences_of_different_lengths_match_running_alone() {
     }
 }
 
+/// A step where a prompt's prefill comes before other sequences' decode rows (the decode rows
+/// take the direct CPU attention, the prefill the row-by-row path): each gets what it gets alone.
+#[test]
+fn a_prefill_before_decode_rows_in_one_batch_matches_running_alone() {
+    let m = model();
+    let (prompt, others) = (vec![3u32, 1, 4, 1, 5], [vec![9u32, 8, 7], vec![30u32, 31]]);
+    let mut alone = Vec::new();
+    let mut cache = m.new_cache();
+    alone.push(m.forward_one(&prompt, &mut cache, None).unwrap());
+    let mut caches: Vec<KvCache> = others.iter().map(|_| m.new_cache()).collect();
+    for (p, c) in others.iter().zip(&mut caches) {
+        m.forward_one(p, c, None).unwrap();
+        let mut fork = c.try_clone().unwrap();
+        alone.push(m.forward_one(&[6], &mut fork, None).unwrap());
+    }
+    let mut fresh = m.new_cache();
+    let mut steps = vec![SequenceStep::new(DecoderInput::Tokens(prompt.clone()), &mut fresh)];
+    for c in &mut caches {
+        steps.push(SequenceStep::new(DecoderInput::Tokens(vec![6]), c));
+    }
+    let out = m.forward(&mut steps).unwrap();
+    for (i, (logits, alone)) in out.iter().zip(&alone).enumerate() {
+        let diff = max_abs_diff(&logits.as_ref().unwrap().squeeze(0).unwrap(), alone);
+        assert!(diff < 1e-4, "sequence {i}: {diff}");
+    }
+}
+
 #[test]
 fn kv_cache_grows_past_its_first_allocation() {
     let m = model();
