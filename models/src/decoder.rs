@@ -322,12 +322,12 @@ impl Decoder {
         let direct: Vec<bool> = batch
             .iter_mut()
             .zip(spans)
-            .map(|(step, span)| self.decodes_directly(step, span, index))
+            .map(|(step, span)| self.attends_directly(step, span, index))
             .collect();
         let (heads, head_dim) = (self.cfg.num_heads, self.cfg.head_dim);
         let width = heads * head_dim;
         let mut attn = if direct.iter().any(|&d| d) {
-            self.direct_decode_attention(index, (&q, &k, &v), spans, batch, &direct)?
+            self.direct_attention(index, (&q, &k, &v), spans, batch, &direct)?
         } else {
             Vec::new()
         };
@@ -398,9 +398,10 @@ impl Decoder {
         self.row_hooks(hidden, spans, batch, HookPoint::Residual, index + 1)
     }
 
-    /// Whether this sequence's attention in `layer` takes [`Self::direct_decode_attention`]: a
-    /// one-row step of an f32 model on the CPU with no hook on attention's inside.
-    fn decodes_directly(&self, step: &mut SequenceStep<'_>, span: &Span, layer: usize) -> bool {
+    /// Whether this sequence's attention in `layer` takes [`Self::direct_attention`]: an f32
+    /// model on the CPU, no hook on attention's inside, and a context short enough for the
+    /// row-by-row kernels (every decode row qualifies).
+    fn attends_directly(&self, step: &mut SequenceStep<'_>, span: &Span, layer: usize) -> bool {
         const ATTENTION_POINTS: [HookPoint; 5] = [
             HookPoint::Queries,
             HookPoint::KeySelection,
@@ -408,7 +409,7 @@ impl Decoder {
             HookPoint::Probs,
             HookPoint::HeadOutputs,
         ];
-        span.len == 1
+        (span.len == 1 || span.start + span.len <= DIRECT_PREFILL_KEYS)
             && self.device.is_cpu()
             && self.dtype() == DType::F32
             && ATTENTION_POINTS
@@ -416,12 +417,12 @@ impl Decoder {
                 .all(|&point| step.hooks_for(point, layer).is_none())
     }
 
-    /// Attention of the `direct` sequences' decode rows on host memory: RoPE in place, keys and
-    /// values written straight into each cache, and every head of every such sequence in one
-    /// pass over the CPU workers (see [`cpu_attention::attend_all`]); the arithmetic of the
-    /// tensor path, so results are the same either way. Returns the packed attention output
-    /// (rows, heads × head_dim) with the direct sequences' rows filled.
-    fn direct_decode_attention(
+    /// Attention of the `direct` sequences' rows on host memory: RoPE in place, keys and values
+    /// written straight into each cache, and every head of every row of every such sequence in
+    /// one pass over the CPU workers (see [`cpu_attention::attend_all`]); the arithmetic of
+    /// [`Self::attention_cpu`], so results are the same either way. Returns the packed
+    /// attention output (rows, heads × head_dim) with the direct sequences' rows filled.
+    fn direct_attention(
         &self,
         layer: usize,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -440,16 +441,24 @@ impl Decoder {
             HostRows::new(&k_store, k_layout)?,
             HostRows::new(&v_store, v_layout)?,
         );
-        // Each direct sequence's query, rotated; keys are rotated on their way into the cache.
-        let mut q = vec![0f32; chosen.len() * q_width];
-        let mut k_row = vec![0f32; kv_width];
-        for (&i, q) in chosen.iter().zip(q.chunks_exact_mut(q_width)) {
-            let (row, rope) = (spans[i].row, &spans[i].rope);
-            q.copy_from_slice(q_rows.row(row));
-            self.rope.apply_row(q, rope);
-            k_row.copy_from_slice(k_rows.row(row));
-            self.rope.apply_row(&mut k_row, rope);
-            batch[i].cache.append_row(layer, &k_row, v_rows.row(row))?;
+        // The direct sequences' query rows, rotated, in batch order; keys are rotated on their
+        // way into the cache.
+        let total: usize = chosen.iter().map(|&i| spans[i].len).sum();
+        let mut q = vec![0f32; total * q_width];
+        let mut q_rotated = q.chunks_exact_mut(q_width);
+        for &i in &chosen {
+            let span = &spans[i];
+            let mut keys = vec![0f32; span.len * kv_width];
+            for (r, k) in keys.chunks_exact_mut(kv_width).enumerate() {
+                let q = q_rotated.next().expect("a row per query");
+                q.copy_from_slice(q_rows.row(span.row + r));
+                self.rope.apply_row(q, &span.rope, r);
+                k.copy_from_slice(k_rows.row(span.row + r));
+                self.rope.apply_row(k, &span.rope, r);
+            }
+            let values: Vec<&[f32]> = (0..span.len).map(|r| v_rows.row(span.row + r)).collect();
+            let keys: Vec<&[f32]> = keys.chunks_exact(kv_width).collect();
+            batch[i].cache.append_rows(layer, &keys, &values)?;
         }
         let buffers = chosen
             .iter()
@@ -464,33 +473,37 @@ impl Decoder {
             .iter()
             .map(|(k, v)| Ok((k.storage_and_layout(), v.storage_and_layout(), k.dim(1)?)))
             .collect::<Result<_>>()?;
-        let queries = chosen
-            .iter()
-            .zip(&storages)
-            .zip(q.chunks_exact(q_width))
-            .map(
-                |((&i, ((k_storage, k_layout), (v_storage, v_layout), capacity)), q)| {
-                    Ok(DecodeQuery {
-                        q,
-                        k: cpu_f32(k_storage, k_layout)?,
-                        v: cpu_f32(v_storage, v_layout)?,
-                        heads,
-                        kv_heads: self.cfg.num_kv_heads,
-                        head_dim,
-                        capacity: *capacity,
-                        keys: None,
-                        key_len: spans[i].start + 1,
-                    })
-                },
-            )
-            .collect::<Result<Vec<_>>>()?;
-        let mut outputs = vec![0f32; chosen.len() * q_width];
+        let mut queries = Vec::with_capacity(total);
+        let mut q_rows = q.chunks_exact(q_width);
+        for (&i, ((k_storage, k_layout), (v_storage, v_layout), capacity)) in
+            chosen.iter().zip(&storages)
+        {
+            let (k, v) = (cpu_f32(k_storage, k_layout)?, cpu_f32(v_storage, v_layout)?);
+            for r in 0..spans[i].len {
+                queries.push(DecodeQuery {
+                    q: q_rows.next().expect("a row per query"),
+                    k,
+                    v,
+                    heads,
+                    kv_heads: self.cfg.num_kv_heads,
+                    head_dim,
+                    capacity: *capacity,
+                    keys: None,
+                    key_len: spans[i].start + r + 1,
+                });
+            }
+        }
+        let mut outputs = vec![0f32; total * q_width];
         cpu_attention::attend_all(&queries, self.cfg.sliding_window, &mut outputs);
         let rows: usize = spans.iter().map(|s| s.len).sum();
         let mut attn = vec![0f32; rows * q_width];
-        for (&i, out) in chosen.iter().zip(outputs.chunks_exact(q_width)) {
-            let row = spans[i].row;
-            attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
+        let mut outputs = outputs.chunks_exact(q_width);
+        for &i in &chosen {
+            let span = &spans[i];
+            for row in span.row..span.row + span.len {
+                let out = outputs.next().expect("an output per query");
+                attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
+            }
         }
         Ok(attn)
     }

@@ -94,13 +94,13 @@ impl KvCache {
         Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
     }
 
-    /// [`Self::append`] of one position given as f32 rows (kv_heads × head_dim each), written
-    /// straight into the buffers of an f32 CPU cache.
-    pub(crate) fn append_row(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let position = self.len;
-        let entry = self.reserve(layer, position + 1)?;
-        for (buffer, row) in [(&entry.k, k), (&entry.v, v)] {
-            buffer.inplace_op1(&WriteRow { position, row })?;
+    /// [`Self::append`] of positions given as f32 rows (kv_heads × head_dim each, one per
+    /// position), written straight into the buffers of an f32 CPU cache.
+    pub(crate) fn append_rows(&mut self, layer: usize, k: &[&[f32]], v: &[&[f32]]) -> Result<()> {
+        let start = self.len;
+        let entry = self.reserve(layer, start + k.len())?;
+        for (buffer, rows) in [(&entry.k, k), (&entry.v, v)] {
+            buffer.inplace_op1(&WriteRows { start, rows })?;
         }
         Ok(())
     }
@@ -150,16 +150,16 @@ impl KvCache {
     }
 }
 
-/// Writes one position (`row`: kv_heads × head_dim) into an f32 CPU buffer (kv_heads, capacity,
-/// head_dim).
-struct WriteRow<'a> {
-    position: usize,
-    row: &'a [f32],
+/// Writes positions `start..` (`rows`: kv_heads × head_dim each) into an f32 CPU buffer
+/// (kv_heads, capacity, head_dim).
+struct WriteRows<'a> {
+    start: usize,
+    rows: &'a [&'a [f32]],
 }
 
-impl InplaceOp1 for WriteRow<'_> {
+impl InplaceOp1 for WriteRows<'_> {
     fn name(&self) -> &'static str {
-        "kv-cache-write-row"
+        "kv-cache-write-rows"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
@@ -168,12 +168,16 @@ impl InplaceOp1 for WriteRow<'_> {
         else {
             candle_core::bail!("a row write needs a whole contiguous f32 cache buffer");
         };
-        if self.row.len() != kv_heads * head_dim || self.position >= capacity {
+        if self.start + self.rows.len() > capacity
+            || self.rows.iter().any(|r| r.len() != kv_heads * head_dim)
+        {
             candle_core::bail!("a row write outside the cache buffer");
         }
-        for (head, values) in self.row.chunks_exact(head_dim).enumerate() {
-            let at = (head * capacity + self.position) * head_dim;
-            data[at..at + head_dim].copy_from_slice(values);
+        for (position, row) in (self.start..).zip(self.rows) {
+            for (head, values) in row.chunks_exact(head_dim).enumerate() {
+                let at = (head * capacity + position) * head_dim;
+                data[at..at + head_dim].copy_from_slice(values);
+            }
         }
         Ok(())
     }

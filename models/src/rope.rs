@@ -60,11 +60,15 @@ impl Rope {
         })
     }
 
-    /// Rotates, in place, the heads of the first position of `tables` (`x`: heads × head_dim):
-    /// the arithmetic of [`Self::apply`], without tensors.
-    pub fn apply_row(&self, x: &mut [f32], tables: &RopeTables) {
+    /// Rotates, in place, the heads of position `row` of `tables` (`x`: heads × head_dim): the
+    /// arithmetic of [`Self::apply`], without tensors.
+    pub fn apply_row(&self, x: &mut [f32], tables: &RopeTables, row: usize) {
         let half = self.inv_freq.len();
-        let (cos, sin) = (&tables.cos_values[..half], &tables.sin_values[..half]);
+        let at = row * half;
+        let (cos, sin) = (
+            &tables.cos_values[at..at + half],
+            &tables.sin_values[at..at + half],
+        );
         for head in x.chunks_exact_mut(2 * half) {
             for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
                 let (i1, i2) = match self.layout {
@@ -158,7 +162,7 @@ mod tests {
             assert!((y[pair.0] - want.0).abs() < 1e-6, "{layout:?}: {y:?}");
             assert!((y[pair.1] - want.1).abs() < 1e-6, "{layout:?}: {y:?}");
             let mut row = vec![1f32, 2., 3., 4.];
-            rope.apply_row(&mut row, &tables);
+            rope.apply_row(&mut row, &tables, 0);
             assert_eq!(row, y, "{layout:?}: the host rotation is the tensor one");
         }
     }
