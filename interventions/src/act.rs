@@ -12,7 +12,7 @@
 
 use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape};
-use attune_models::{AttentionSite, HookPoint, SequenceHooks};
+use attune_models::{AttentionRows, AttentionSite, HookPoint, SequenceHooks};
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -134,15 +134,29 @@ impl SequenceHooks for ActHooks {
     }
 
     fn probs(&mut self, site: &AttentionSite, probs: Tensor) -> Result<Tensor> {
-        // A prompt step starts the sequence or carries several queries; decode steps do not.
-        let prompt_step = site.query_start == 0 || site.query_len > 1;
-        if !(prompt_step || self.decode) || site.selected_keys.is_some() {
-            return Ok(probs);
-        }
-        let Some(heads) = &self.selected[site.layer] else {
+        let Some(heads) = self.heads_at(site) else {
             return Ok(probs);
         };
         calibrate(&probs, heads, site.query_start, self.beta, self.threshold)
+    }
+
+    fn probs_in_place(&mut self, site: &AttentionSite, rows: &mut AttentionRows) -> Result<bool> {
+        if let Some(heads) = self.heads_at(site) {
+            calibrate_rows(rows, heads, site.query_start, self.beta, self.threshold);
+        }
+        Ok(true)
+    }
+}
+
+impl ActHooks {
+    /// The heads to calibrate at this attention call, if any.
+    fn heads_at(&self, site: &AttentionSite) -> Option<&[bool]> {
+        // A prompt step starts the sequence or carries several queries; decode steps do not.
+        let prompt_step = site.query_start == 0 || site.query_len > 1;
+        if !(prompt_step || self.decode) || site.selected_keys.is_some() {
+            return None;
+        }
+        self.selected[site.layer].as_deref()
     }
 }
 
@@ -162,6 +176,27 @@ pub fn calibrate(
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    let mut rows = AttentionRows {
+        values: &mut p,
+        heads: n_heads,
+        query_len: q_len,
+        keys: k_len,
+    };
+    if !calibrate_rows(&mut rows, heads, query_start, beta, threshold) {
+        return Ok(probs.clone());
+    }
+    Tensor::from_vec(p, (n_heads, q_len, k_len), probs.device())?.to_dtype(probs.dtype())
+}
+
+/// [`calibrate`] in place on host rows; returns whether any head changed.
+pub fn calibrate_rows(
+    rows: &mut AttentionRows,
+    heads: &[bool],
+    query_start: usize,
+    beta: f64,
+    threshold: f64,
+) -> bool {
+    let (q_len, k_len) = (rows.query_len, rows.keys);
     // Rows that can see key j: the queries at or after it.
     let visible: Vec<f32> = (0..k_len)
         .map(|j| (q_len - j.saturating_sub(query_start).min(q_len)).max(1) as f32)
@@ -169,7 +204,7 @@ pub fn calibrate(
     let mut changed = false;
     let mut is_sink = vec![false; k_len];
     let mut column = vec![0f32; k_len];
-    for (h, head) in p.chunks_exact_mut(q_len * k_len).enumerate() {
+    for (h, head) in rows.values.chunks_exact_mut(q_len * k_len).enumerate() {
         if !heads.get(h).copied().unwrap_or(false) {
             continue;
         }
@@ -212,8 +247,5 @@ pub fn calibrate(
             }
         }
     }
-    if !changed {
-        return Ok(probs.clone());
-    }
-    Tensor::from_vec(p, (n_heads, q_len, k_len), probs.device())?.to_dtype(probs.dtype())
+    changed
 }

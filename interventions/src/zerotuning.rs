@@ -11,7 +11,9 @@
 
 use crate::params::{check_indices, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape, PromptView};
-use attune_models::{AttentionSite, Decoder, HookPoint, LogitsFor, SequenceHooks, SequenceStep};
+use attune_models::{
+    AttentionRows, AttentionSite, Decoder, HookPoint, LogitsFor, SequenceHooks, SequenceStep,
+};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -284,10 +286,42 @@ impl SequenceHooks for ZeroTuningHooks {
     }
 
     fn scores(&mut self, site: &AttentionSite, scores: Tensor) -> Result<Tensor> {
-        let Some(log_gamma) = &self.log_gamma[site.layer] else {
+        let (heads, _, keys) = scores.dims3()?;
+        let Some(bias) = self.bias(site, heads, keys)? else {
             return Ok(scores);
         };
-        let (heads, _, keys) = scores.dims3()?;
+        let bias =
+            Tensor::from_vec(bias, (heads, 1, keys), scores.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&bias)
+    }
+
+    /// The same bias added on host memory (x + 0 leaves the other scores as they are).
+    fn scores_in_place(&mut self, site: &AttentionSite, rows: &mut AttentionRows) -> Result<bool> {
+        let Some(bias) = self.bias(site, rows.heads, rows.keys)? else {
+            return Ok(true);
+        };
+        for (head, bias) in rows
+            .values
+            .chunks_exact_mut(rows.query_len * rows.keys)
+            .zip(bias.chunks_exact(rows.keys))
+        {
+            for row in head.chunks_exact_mut(rows.keys) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl ZeroTuningHooks {
+    /// log gamma at key 0 of each head in `layer` (heads × keys), or `None` where this layer
+    /// is left alone.
+    fn bias(&self, site: &AttentionSite, heads: usize, keys: usize) -> Result<Option<Vec<f32>>> {
+        let Some(log_gamma) = &self.log_gamma[site.layer] else {
+            return Ok(None);
+        };
         let mut bias = vec![0f32; heads * keys];
         match site.selected_keys {
             None => {
@@ -306,8 +340,6 @@ impl SequenceHooks for ZeroTuningHooks {
                 }
             }
         }
-        let bias =
-            Tensor::from_vec(bias, (heads, 1, keys), scores.device())?.to_dtype(scores.dtype())?;
-        scores.broadcast_add(&bias)
+        Ok(Some(bias))
     }
 }

@@ -2,7 +2,7 @@
 
 use attune_interventions::act::calibrate;
 use attune_interventions::{parse, parse_all};
-use attune_models::{AttentionSite, HookPoint};
+use attune_models::{AttentionRows, AttentionSite, HookPoint};
 use candle_core::{Device, Tensor, D};
 use serde_json::json;
 
@@ -196,5 +196,43 @@ fn defaults_are_resolved_and_bad_parameters_name_the_field() {
     assert!(
         err(json!({"type": "act", "layers": [2], "heads": [[3, 0]]}))
             .starts_with("interventions[0].heads[0]:")
+    );
+}
+
+/// The host-memory hook (used on CPU f32 models) gives the tensor hook's probabilities.
+#[test]
+fn in_place_calibration_equals_the_tensor_hook() {
+    let spec = json!({"type": "act", "layers": [0], "threshold": 0.05, "decode": true});
+    let mut hooks = parse(&spec, &tiny_shape())
+        .unwrap()
+        .install()
+        .hooks
+        .unwrap();
+    // 4 heads, 3 query rows, 5 keys; each row a distribution with sinks past the first key.
+    let row = [0.3f32, 0.25, 0.05, 0.35, 0.05];
+    let mut values: Vec<f32> = (0..4 * 3).flat_map(|_| row).collect();
+    let probs = Tensor::from_slice(&values, (4, 3, 5), &Device::Cpu).unwrap();
+    let site = AttentionSite {
+        layer: 0,
+        query_start: 2,
+        query_len: 3,
+        key_len: 5,
+        selected_keys: None,
+    };
+    let want = hooks.probs(&site, probs.clone()).unwrap();
+    assert_ne!(
+        want.to_vec3::<f32>().unwrap(),
+        probs.to_vec3::<f32>().unwrap()
+    );
+    let mut rows = AttentionRows {
+        values: &mut values,
+        heads: 4,
+        query_len: 3,
+        keys: 5,
+    };
+    assert!(hooks.probs_in_place(&site, &mut rows).unwrap());
+    assert_eq!(
+        values,
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
 }

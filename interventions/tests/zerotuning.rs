@@ -2,7 +2,7 @@
 
 use attune_interventions::{parse, parse_all, PromptView};
 use attune_models::testing::{random_decoder, tiny_config};
-use attune_models::{AttentionSite, HookPoint};
+use attune_models::{AttentionRows, AttentionSite, HookPoint};
 use candle_core::{Device, Result, Tensor, D};
 use serde_json::json;
 
@@ -243,4 +243,39 @@ fn auto_forms_and_errors() {
     assert!(err(json!({"grid": "x"})).starts_with("interventions[0].auto.grid:"));
     assert!(err(json!({"grids": [1.0]})).starts_with("interventions[0].auto.grids:"));
     assert!(err(json!("yes")).starts_with("interventions[0].auto:"));
+}
+
+/// The host-memory hook (used on CPU f32 models) gives the tensor hook's scores, with and
+/// without a key selection.
+#[test]
+fn in_place_scores_equal_the_tensor_hook() {
+    let mut hooks = parse(&json!({"type": "zerotuning", "gamma": 1.7}), &tiny_shape())
+        .unwrap()
+        .install()
+        .hooks
+        .unwrap();
+    let values: Vec<f32> = (0..4 * 2 * 6).map(|i| (i as f32 * 0.37).sin()).collect();
+    let scores = Tensor::from_slice(&values, (4, 2, 6), &Device::Cpu).unwrap();
+    // 2 KV heads: the first attends keys [3, 0, ...], the second does not see key 0.
+    let selection =
+        Tensor::new(&[[3u32, 0, 1, 2, 4, 5], [1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
+    for selected_keys in [None, Some(&selection)] {
+        let site = AttentionSite {
+            layer: 0,
+            query_start: 5,
+            query_len: 2,
+            key_len: 7,
+            selected_keys,
+        };
+        let want = hooks.scores(&site, scores.clone()).unwrap();
+        let mut mine = values.clone();
+        let mut rows = AttentionRows {
+            values: &mut mine,
+            heads: 4,
+            query_len: 2,
+            keys: 6,
+        };
+        assert!(hooks.scores_in_place(&site, &mut rows).unwrap());
+        assert_eq!(mine, want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
 }

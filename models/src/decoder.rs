@@ -9,7 +9,7 @@
 use crate::arch::DecoderConfig;
 use crate::cpu_attention::{self, softmax_rows, DecodeQuery};
 use crate::embedding::Embedding;
-use crate::hooks::{AttentionSite, HookPoint, RowSite, SequenceHooks};
+use crate::hooks::{AttentionRows, AttentionSite, HookPoint, RowSite, SequenceHooks};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::rope::{Rope, RopeTables};
@@ -399,29 +399,30 @@ impl Decoder {
     }
 
     /// Whether this sequence's attention in `layer` takes [`Self::direct_attention`]: an f32
-    /// model on the CPU, no hook on attention's inside, and a context short enough for the
-    /// row-by-row kernels (every decode row qualifies).
+    /// model on the CPU, a context short enough for the row-by-row kernels (every decode row
+    /// qualifies), and no hook on queries, key selection or head outputs (hooks on scores and
+    /// probabilities are served there).
     fn attends_directly(&self, step: &mut SequenceStep<'_>, span: &Span, layer: usize) -> bool {
-        const ATTENTION_POINTS: [HookPoint; 5] = [
+        const TENSOR_PATH_POINTS: [HookPoint; 3] = [
             HookPoint::Queries,
             HookPoint::KeySelection,
-            HookPoint::Scores,
-            HookPoint::Probs,
             HookPoint::HeadOutputs,
         ];
         (span.len == 1 || span.start + span.len <= DIRECT_PREFILL_KEYS)
             && self.device.is_cpu()
             && self.dtype() == DType::F32
-            && ATTENTION_POINTS
+            && TENSOR_PATH_POINTS
                 .iter()
                 .all(|&point| step.hooks_for(point, layer).is_none())
     }
 
     /// Attention of the `direct` sequences' rows on host memory: RoPE in place, keys and values
-    /// written straight into each cache, and every head of every row of every such sequence in
-    /// one pass over the CPU workers (see [`cpu_attention::attend_all`]); the arithmetic of
-    /// [`Self::attention_cpu`], so results are the same either way. Returns the packed
-    /// attention output (rows, heads × head_dim) with the direct sequences' rows filled.
+    /// written straight into each cache, and every head of every row of every such sequence
+    /// without hooks in one pass over the CPU workers (see [`cpu_attention::attend_all`]);
+    /// sequences with hooks on scores or probabilities go through
+    /// [`Self::hooked_attention_rows`]. The arithmetic of [`Self::attention_cpu`], so results
+    /// are the same either way. Returns the packed attention output (rows, heads × head_dim)
+    /// with the direct sequences' rows filled.
     fn direct_attention(
         &self,
         layer: usize,
@@ -473,14 +474,15 @@ impl Decoder {
             .iter()
             .map(|(k, v)| Ok((k.storage_and_layout(), v.storage_and_layout(), k.dim(1)?)))
             .collect::<Result<_>>()?;
-        let mut queries = Vec::with_capacity(total);
+        // Each direct sequence's query rows.
         let mut q_rows = q.chunks_exact(q_width);
+        let mut queries = Vec::with_capacity(chosen.len());
         for (&i, ((k_storage, k_layout), (v_storage, v_layout), capacity)) in
             chosen.iter().zip(&storages)
         {
             let (k, v) = (cpu_f32(k_storage, k_layout)?, cpu_f32(v_storage, v_layout)?);
-            for r in 0..spans[i].len {
-                queries.push(DecodeQuery {
+            let rows = (0..spans[i].len)
+                .map(|r| DecodeQuery {
                     q: q_rows.next().expect("a row per query"),
                     k,
                     v,
@@ -490,20 +492,32 @@ impl Decoder {
                     capacity: *capacity,
                     keys: None,
                     key_len: spans[i].start + r + 1,
-                });
-            }
+                })
+                .collect::<Vec<_>>();
+            queries.push(rows);
         }
-        let mut outputs = vec![0f32; total * q_width];
-        cpu_attention::attend_all(&queries, self.cfg.sliding_window, &mut outputs);
+        let window = self.cfg.sliding_window;
         let rows: usize = spans.iter().map(|s| s.len).sum();
         let mut attn = vec![0f32; rows * q_width];
-        let mut outputs = outputs.chunks_exact(q_width);
-        for &i in &chosen {
+        let mut plain = Vec::new();
+        let mut plain_rows = Vec::new();
+        for (&i, rows) in chosen.iter().zip(queries) {
             let span = &spans[i];
-            for row in span.row..span.row + span.len {
-                let out = outputs.next().expect("an output per query");
-                attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
+            let hooked = [HookPoint::Scores, HookPoint::Probs]
+                .iter()
+                .any(|&point| batch[i].hooks_for(point, layer).is_some());
+            if hooked {
+                let out = &mut attn[span.row * q_width..(span.row + span.len) * q_width];
+                self.hooked_attention_rows(&span.site(layer), &rows, window, &mut batch[i], out)?;
+            } else {
+                plain_rows.extend(span.row..span.row + span.len);
+                plain.extend(rows);
             }
+        }
+        let mut outputs = vec![0f32; plain.len() * q_width];
+        cpu_attention::attend_all(&plain, window, &mut outputs);
+        for (row, out) in plain_rows.into_iter().zip(outputs.chunks_exact(q_width)) {
+            attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
         }
         Ok(attn)
     }
@@ -676,22 +690,34 @@ impl Decoder {
                 }
             }
         }
-        let as_tensor =
-            |data: Vec<f32>| Tensor::from_vec(data, (heads, q_len, total), &self.device);
-        if let Some(hooks) = step.hooks_for(HookPoint::Scores, site.layer) {
-            scores = hooks
-                .scores(site, as_tensor(scores)?)?
-                .flatten_all()?
-                .to_vec1()?;
-        }
+        let mut rewrite = |values: &mut Vec<f32>, point: HookPoint| -> Result<()> {
+            let Some(hooks) = step.hooks_for(point, site.layer) else {
+                return Ok(());
+            };
+            let mut rows = AttentionRows {
+                values,
+                heads,
+                query_len: q_len,
+                keys: total,
+            };
+            let done = match point {
+                HookPoint::Scores => hooks.scores_in_place(site, &mut rows)?,
+                _ => hooks.probs_in_place(site, &mut rows)?,
+            };
+            if !done {
+                let t = rows.to_tensor()?;
+                let t = match point {
+                    HookPoint::Scores => hooks.scores(site, t)?,
+                    _ => hooks.probs(site, t)?,
+                };
+                rows.set(&t)?;
+            }
+            Ok(())
+        };
+        rewrite(&mut scores, HookPoint::Scores)?;
         softmax_rows(&mut scores, total);
         let mut probs = scores;
-        if let Some(hooks) = step.hooks_for(HookPoint::Probs, site.layer) {
-            probs = hooks
-                .probs(site, as_tensor(probs)?)?
-                .flatten_all()?
-                .to_vec1()?;
-        }
+        rewrite(&mut probs, HookPoint::Probs)?;
         let width = heads * self.cfg.head_dim;
         for ((i, query), out) in queries.iter().enumerate().zip(out.chunks_exact_mut(width)) {
             // Each head's probabilities of the keys this row sees.

@@ -52,6 +52,39 @@ pub struct RowSite {
     pub query_start: usize,
 }
 
+/// Scores or probabilities of one attention call in host memory, (heads, query_len, keys)
+/// row-major: what [`SequenceHooks::scores_in_place`] and [`SequenceHooks::probs_in_place`]
+/// rewrite on CPU f32 models, where building a tensor would cost more than most hooks' work.
+pub struct AttentionRows<'a> {
+    pub values: &'a mut [f32],
+    pub heads: usize,
+    pub query_len: usize,
+    pub keys: usize,
+}
+
+impl AttentionRows<'_> {
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_slice(
+            self.values,
+            (self.heads, self.query_len, self.keys),
+            &candle_core::Device::Cpu,
+        )
+    }
+
+    /// Takes a hook's returned tensor (same shape) back into these rows.
+    pub fn set(&mut self, t: &Tensor) -> Result<()> {
+        let values = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        if values.len() != self.values.len() {
+            candle_core::bail!("a hook changed the shape of the attention rows");
+        }
+        self.values.copy_from_slice(&values);
+        Ok(())
+    }
+}
+
 /// Callbacks for one sequence. All callbacks default to passing their input through.
 pub trait SequenceHooks: Send {
     /// Whether this hook set acts at `point` in `layer` (for `Residual`, `layer` is the depth).
@@ -63,6 +96,26 @@ pub trait SequenceHooks: Send {
 
     fn probs(&mut self, _site: &AttentionSite, probs: Tensor) -> Result<Tensor> {
         Ok(probs)
+    }
+
+    /// [`Self::scores`] on host memory (CPU f32 models): rewrites `scores` and returns true,
+    /// or returns false, the default, to be called with a tensor instead. Both must give the
+    /// same values.
+    fn scores_in_place(
+        &mut self,
+        _site: &AttentionSite,
+        _scores: &mut AttentionRows,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// [`Self::probs`] on host memory, as [`Self::scores_in_place`].
+    fn probs_in_place(
+        &mut self,
+        _site: &AttentionSite,
+        _probs: &mut AttentionRows,
+    ) -> Result<bool> {
+        Ok(false)
     }
 
     /// Reads the layer's per-head outputs; runs for every sequence of the step before any
@@ -124,6 +177,35 @@ impl SequenceHooks for HookStack {
             t = h.probs(site, t)?;
         }
         Ok(t)
+    }
+
+    /// Each hook in place where it can, through a tensor where it cannot.
+    fn scores_in_place(&mut self, site: &AttentionSite, rows: &mut AttentionRows) -> Result<bool> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::Scores, site.layer))
+        {
+            if !h.scores_in_place(site, rows)? {
+                let t = h.scores(site, rows.to_tensor()?)?;
+                rows.set(&t)?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn probs_in_place(&mut self, site: &AttentionSite, rows: &mut AttentionRows) -> Result<bool> {
+        for h in self
+            .0
+            .iter_mut()
+            .filter(|h| h.wants(HookPoint::Probs, site.layer))
+        {
+            if !h.probs_in_place(site, rows)? {
+                let t = h.probs(site, rows.to_tensor()?)?;
+                rows.set(&t)?;
+            }
+        }
+        Ok(true)
     }
 
     fn observe_head_outputs(&mut self, site: &AttentionSite, t: &Tensor) -> Result<()> {

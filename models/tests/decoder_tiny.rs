@@ -130,7 +130,10 @@ fn a_prefill_before_decode_rows_in_one_batch_matches_running_alone() {
         alone.push(m.forward_one(&[6], &mut fork, None).unwrap());
     }
     let mut fresh = m.new_cache();
-    let mut steps = vec![SequenceStep::new(DecoderInput::Tokens(prompt.clone()), &mut fresh)];
+    let mut steps = vec![SequenceStep::new(
+        DecoderInput::Tokens(prompt.clone()),
+        &mut fresh,
+    )];
     for c in &mut caches {
         steps.push(SequenceStep::new(DecoderInput::Tokens(vec![6]), c));
     }

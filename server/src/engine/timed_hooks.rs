@@ -1,6 +1,6 @@
 //! Hook wrappers that time each intervention's hooks (`attune_intervention_hook_seconds`).
 
-use attune_models::{AttentionSite, HookPoint, RowSite, SequenceHooks};
+use attune_models::{AttentionRows, AttentionSite, HookPoint, RowSite, SequenceHooks};
 use candle_core::{Result as CandleResult, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +31,20 @@ impl SequenceHooks for TimedHooks {
     }
     fn probs(&mut self, site: &AttentionSite, t: Tensor) -> CandleResult<Tensor> {
         self.timed(|h| h.probs(site, t))
+    }
+    fn scores_in_place(
+        &mut self,
+        site: &AttentionSite,
+        r: &mut AttentionRows,
+    ) -> CandleResult<bool> {
+        self.timed(|h| h.scores_in_place(site, r))
+    }
+    fn probs_in_place(
+        &mut self,
+        site: &AttentionSite,
+        r: &mut AttentionRows,
+    ) -> CandleResult<bool> {
+        self.timed(|h| h.probs_in_place(site, r))
     }
     fn observe_head_outputs(&mut self, site: &AttentionSite, t: &Tensor) -> CandleResult<()> {
         self.timed(|h| h.observe_head_outputs(site, t))
