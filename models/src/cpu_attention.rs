@@ -1,8 +1,8 @@
-//! Attention of one decode query on the CPU, straight from the KV cache buffers: scores,
-//! softmax and the weighted sum of values in plain loops instead of ~10 small tensor ops per
-//! layer. Hooks still see and replace scores, probabilities and head outputs as tensors (built
-//! only when a hook asks), and every decode step on the CPU takes this path, hooked or not, so
-//! a pass-through hook never changes a result.
+//! Attention of query rows on the CPU, straight from the KV cache buffers: scores, softmax and
+//! the weighted sum of values in plain loops instead of ~10 small tensor ops per layer, each
+//! (query row, head) of a whole batch handed to the CPU workers in one pass. Hooks on scores
+//! and probabilities rewrite the same numbers between the passes (as host rows or tensors), so
+//! a pass-through hook never changes a result. Every instruction set computes the same floats.
 
 /// One query position's attention inputs; K and V are whole cache buffers (kv_heads, capacity,
 /// head_dim) of which the first `key_len` rows per head are meaningful.
@@ -41,37 +41,6 @@ impl DecodeQuery<'_> {
         &buffer[start..start + self.head_dim]
     }
 
-    /// Scaled scores q·k / √head_dim, (heads, n_keys); heads are split over the CPU workers.
-    pub fn scores(&self) -> Vec<f32> {
-        let n = self.n_keys();
-        let mut scores = vec![0f32; self.heads * n];
-        for_each_head(&mut scores, n, |h, row| {
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { self.head_scores_avx2(h, row) };
-            }
-            self.head_scores::<Portable>(h, row)
-        });
-        scores
-    }
-
-    /// Σ_j probs[h, j] · v_j per head, (heads, head_dim).
-    pub fn weighted_values(&self, probs: &[f32]) -> Vec<f32> {
-        let n = self.n_keys();
-        let mut out = vec![0f32; self.heads * self.head_dim];
-        for_each_head(&mut out, self.head_dim, |h, acc| {
-            let probs = &probs[h * n..(h + 1) * n];
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { self.head_values_avx2(h, probs, acc) };
-            }
-            self.head_values::<Portable>(h, probs, acc)
-        });
-        out
-    }
-
     #[inline(always)]
     fn head_scores<L: Lanes>(&self, h: usize, row: &mut [f32]) {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
@@ -102,8 +71,8 @@ impl DecodeQuery<'_> {
     }
 
     /// Scores, softmax (after hiding keys more than `window` positions back) and weighted
-    /// values of head `h` in one go, into `out` (head_dim): the arithmetic of [`Self::scores`],
-    /// [`softmax_rows`] and [`Self::weighted_values`] for that head. `scores` is scratch space.
+    /// values of head `h` in one go, into `out` (head_dim): the arithmetic of [`scores_all`],
+    /// [`softmax_rows`] and [`weigh_values`] for that head. `scores` is scratch space.
     #[inline(always)]
     fn attend_head<L: Lanes>(
         &self,
@@ -153,7 +122,7 @@ impl DecodeQuery<'_> {
 /// Attention of several decode queries (one per sequence, each with its own cache), all heads
 /// of all of them split over the CPU workers in one pass: query i's outputs go to
 /// `out[i]` (heads × head_dim). The same arithmetic as a query's [`DecodeQuery::scores`],
-/// [`softmax_rows`] and [`DecodeQuery::weighted_values`], so results do not depend on the
+/// [`softmax_rows`] and [`weigh_values`], so results do not depend on the
 /// batch.
 pub(crate) fn attend_all(queries: &[DecodeQuery<'_>], window: Option<usize>, out: &mut [f32]) {
     let Some(first) = queries.first() else {
@@ -179,6 +148,118 @@ pub(crate) fn attend_all(queries: &[DecodeQuery<'_>], window: Option<usize>, out
             query.attend_head::<Portable>(h, window, scores, acc)
         })
     });
+}
+
+/// Scaled scores of every query row as (heads, q_len, total), -inf past the keys a row sees
+/// and for keys more than `window` positions back; with `softmax`, each row's probabilities
+/// instead. Every (head, row) in one pass over the CPU workers.
+pub(crate) fn scores_all(
+    queries: &[DecodeQuery<'_>],
+    window: Option<usize>,
+    total: usize,
+    softmax: bool,
+) -> Vec<f32> {
+    let mut scores =
+        vec![f32::NEG_INFINITY; queries.len() * queries.first().map_or(0, |q| q.heads) * total];
+    if total == 0 {
+        return scores;
+    }
+    let q_len = queries.len();
+    for_each_head(&mut scores, total, |item, row| {
+        let (h, query) = (item / q_len, &queries[item % q_len]);
+        score_keys(query, h, &mut row[..query.n_keys()]);
+        if let Some(window) = window {
+            let hidden = query.key_len.saturating_sub(window);
+            row[..hidden].fill(f32::NEG_INFINITY);
+        }
+        if softmax {
+            softmax_rows(row, total);
+        }
+    });
+    scores
+}
+
+/// For rows whose scores hooks have rewritten: softmax of each (query row i, head h) row of
+/// `scores` (heads, q_len, total), then that row's weighted values over the keys query i sees,
+/// into `out` (q_len, heads, head_dim); every (row, head) in one pass over the CPU workers. The
+/// arithmetic of [`softmax_rows`] and [`weigh_values`].
+pub(crate) fn softmax_and_values(
+    queries: &[DecodeQuery<'_>],
+    scores: &[f32],
+    total: usize,
+    out: &mut [f32],
+) {
+    per_row_and_head(queries, out, |query, i, h, acc| {
+        thread_local!(static ROW: std::cell::RefCell<Vec<f32>> = const {
+            std::cell::RefCell::new(Vec::new())
+        });
+        ROW.with_borrow_mut(|row| {
+            let at = (h * queries.len() + i) * total;
+            row.clear();
+            row.extend_from_slice(&scores[at..at + total]);
+            softmax_rows(row, total);
+            weigh_values(query, h, &row[..query.n_keys()], acc);
+        })
+    });
+}
+
+/// For rows whose probabilities hooks have rewritten: each (query row i, head h)'s weighted
+/// values from `probs` (heads, q_len, total), into `out` (q_len, heads, head_dim).
+pub(crate) fn values_of(queries: &[DecodeQuery<'_>], probs: &[f32], total: usize, out: &mut [f32]) {
+    per_row_and_head(queries, out, |query, i, h, acc| {
+        let at = (h * queries.len() + i) * total;
+        weigh_values(query, h, &probs[at..at + query.n_keys()], acc);
+    });
+}
+
+/// [`softmax_rows`] with the rows split over the CPU workers.
+pub(crate) fn softmax_rows_parallel(values: &mut [f32], n: usize) {
+    if n > 0 {
+        for_each_head(values, n, |_, row| softmax_rows(row, n));
+    }
+}
+
+/// `f(query, row index, head, that (row, head)'s part of out)` for every query row and head,
+/// over the CPU workers; `out` is (q_len, heads, head_dim).
+fn per_row_and_head(
+    queries: &[DecodeQuery<'_>],
+    out: &mut [f32],
+    f: impl Fn(&DecodeQuery<'_>, usize, usize, &mut [f32]) + Sync,
+) {
+    let Some(first) = queries.first() else {
+        return;
+    };
+    let heads = first.heads;
+    assert_eq!(
+        out.len(),
+        queries.len() * heads * first.head_dim,
+        "output size"
+    );
+    for_each_head(out, first.head_dim, |item, acc| {
+        let (i, h) = (item / heads, item % heads);
+        f(&queries[i], i, h, acc)
+    });
+}
+
+/// Scaled scores q·k / √head_dim of head `h` of `query` for each key it sees, into `row`.
+fn score_keys(query: &DecodeQuery<'_>, h: usize, row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { query.head_scores_avx2(h, row) };
+    }
+    query.head_scores::<Portable>(h, row)
+}
+
+/// acc = Σ_j probs[j] · v_j for head `h` of `query`.
+fn weigh_values(query: &DecodeQuery<'_>, h: usize, probs: &[f32], acc: &mut [f32]) {
+    acc.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { query.head_values_avx2(h, probs, acc) };
+    }
+    query.head_values::<Portable>(h, probs, acc)
 }
 
 /// Runs `f(head, that head's row of out)` for every row of `out` (rows `width` long), rows

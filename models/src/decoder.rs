@@ -7,7 +7,7 @@
 //! padding masks are needed and each sequence's hooks see only its own rows.
 
 use crate::arch::DecoderConfig;
-use crate::cpu_attention::{self, softmax_rows, DecodeQuery};
+use crate::cpu_attention::{self, DecodeQuery};
 use crate::embedding::Embedding;
 use crate::hooks::{AttentionRows, AttentionSite, HookPoint, RowSite, SequenceHooks};
 use crate::kv_cache::KvCache;
@@ -677,20 +677,10 @@ impl Decoder {
     ) -> Result<()> {
         let (q_len, heads) = (queries.len(), self.cfg.num_heads);
         let total = queries.iter().map(|q| q.n_keys()).max().unwrap_or(0);
-        let mut scores = vec![f32::NEG_INFINITY; heads * q_len * total];
-        for (i, query) in queries.iter().enumerate() {
-            let n = query.n_keys();
-            let row_scores = query.scores();
-            for (h, values) in row_scores.chunks_exact(n).enumerate() {
-                let at = (h * q_len + i) * total;
-                scores[at..at + n].copy_from_slice(values);
-                if let Some(window) = window {
-                    let hidden = query.key_len.saturating_sub(window);
-                    scores[at..at + hidden].fill(f32::NEG_INFINITY);
-                }
-            }
-        }
-        let mut rewrite = |values: &mut Vec<f32>, point: HookPoint| -> Result<()> {
+        // Without a hook on scores, the softmax comes with them in the same pass.
+        let scores_hooked = step.hooks_for(HookPoint::Scores, site.layer).is_some();
+        let mut scores = cpu_attention::scores_all(queries, window, total, !scores_hooked);
+        let rewrite = |step: &mut SequenceStep<'_>, values: &mut Vec<f32>, point| -> Result<()> {
             let Some(hooks) = step.hooks_for(point, site.layer) else {
                 return Ok(());
             };
@@ -714,19 +704,18 @@ impl Decoder {
             }
             Ok(())
         };
-        rewrite(&mut scores, HookPoint::Scores)?;
-        softmax_rows(&mut scores, total);
-        let mut probs = scores;
-        rewrite(&mut probs, HookPoint::Probs)?;
-        let width = heads * self.cfg.head_dim;
-        for ((i, query), out) in queries.iter().enumerate().zip(out.chunks_exact_mut(width)) {
-            // Each head's probabilities of the keys this row sees.
-            let n = query.n_keys();
-            let row_probs: Vec<f32> = (0..heads)
-                .flat_map(|h| probs[(h * q_len + i) * total..][..n].iter().copied())
-                .collect();
-            out.copy_from_slice(&query.weighted_values(&row_probs));
+        if scores_hooked {
+            rewrite(step, &mut scores, HookPoint::Scores)?;
+            if step.hooks_for(HookPoint::Probs, site.layer).is_none() {
+                // Softmax and values of each (row, head) together on the CPU workers.
+                cpu_attention::softmax_and_values(queries, &scores, total, out);
+                return Ok(());
+            }
+            cpu_attention::softmax_rows_parallel(&mut scores, total);
         }
+        let mut probs = scores;
+        rewrite(step, &mut probs, HookPoint::Probs)?;
+        cpu_attention::values_of(queries, &probs, total, out);
         Ok(())
     }
 
