@@ -397,7 +397,7 @@ impl Lanes for Avx2 {
 
 /// Row-wise softmax in place; rows are `n` long. A row of only -inf becomes NaN, as in the
 /// tensor path, which never happens for a decode query (it always sees itself).
-pub(crate) fn softmax_rows(values: &mut [f32], n: usize) {
+fn softmax_rows(values: &mut [f32], n: usize) {
     for row in values.chunks_exact_mut(n) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;

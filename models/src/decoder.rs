@@ -398,6 +398,15 @@ impl Decoder {
         self.row_hooks(hidden, spans, batch, HookPoint::Residual, index + 1)
     }
 
+    /// Whether attention of `q_len` query rows over `key_len` keys runs on the CPU kernels of
+    /// [`crate::cpu_attention`] (an f32 model on the CPU, a decode row or a short context)
+    /// rather than as tensor products.
+    fn attends_on_host(&self, q_len: usize, key_len: usize) -> bool {
+        self.device.is_cpu()
+            && self.dtype() == DType::F32
+            && (q_len == 1 || key_len <= DIRECT_PREFILL_KEYS)
+    }
+
     /// Whether this sequence's attention in `layer` takes [`Self::direct_attention`]: an f32
     /// model on the CPU, a context short enough for the row-by-row kernels (every decode row
     /// qualifies), and no hook on queries, key selection or head outputs (hooks on scores and
@@ -408,9 +417,7 @@ impl Decoder {
             HookPoint::KeySelection,
             HookPoint::HeadOutputs,
         ];
-        (span.len == 1 || span.start + span.len <= DIRECT_PREFILL_KEYS)
-            && self.device.is_cpu()
-            && self.dtype() == DType::F32
+        self.attends_on_host(span.len, span.start + span.len)
             && TENSOR_PATH_POINTS
                 .iter()
                 .all(|&point| step.hooks_for(point, layer).is_none())
@@ -547,10 +554,7 @@ impl Decoder {
             Some(hooks) if q_len == 1 => hooks.select_keys(&site)?,
             _ => None,
         };
-        if self.device.is_cpu()
-            && q.dtype() == DType::F32
-            && (q_len == 1 || key_len <= DIRECT_PREFILL_KEYS)
-        {
+        if self.attends_on_host(q_len, key_len) {
             return self.attention_cpu(site, q, selection.as_ref(), step);
         }
         let (k, v) = match &selection {

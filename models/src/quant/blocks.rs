@@ -121,7 +121,6 @@ pub struct ActBlock {
     pub d: f32,
     pub sum: f32,
     pub offset: i32,
-    pub _pad: i32,
 }
 
 impl Default for ActBlock {
@@ -132,7 +131,6 @@ impl Default for ActBlock {
             d: 0.0,
             sum: 0.0,
             offset: 0,
-            _pad: 0,
         }
     }
 }
