@@ -487,21 +487,13 @@ impl Decoder {
         for (&i, ((k_storage, k_layout), (v_storage, v_layout), capacity)) in
             chosen.iter().zip(&storages)
         {
-            let (k, v) = (cpu_f32(k_storage, k_layout)?, cpu_f32(v_storage, v_layout)?);
-            let rows = (0..spans[i].len)
-                .map(|r| DecodeQuery {
-                    q: q_rows.next().expect("a row per query"),
-                    k,
-                    v,
-                    heads,
-                    kv_heads: self.cfg.num_kv_heads,
-                    head_dim,
-                    capacity: *capacity,
-                    keys: None,
-                    key_len: spans[i].start + r + 1,
-                })
-                .collect::<Vec<_>>();
-            queries.push(rows);
+            let cache = (
+                cpu_f32(k_storage, k_layout)?,
+                cpu_f32(v_storage, v_layout)?,
+                *capacity,
+            );
+            let rows = q_rows.by_ref().take(spans[i].len);
+            queries.push(self.row_queries(rows, cache, None, spans[i].start));
         }
         let window = self.cfg.sliding_window;
         let rows: usize = spans.iter().map(|s| s.len).sum();
@@ -527,6 +519,31 @@ impl Decoder {
             attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
         }
         Ok(attn)
+    }
+
+    /// One [`DecodeQuery`] per query row (heads × head_dim each) of a sequence whose first row
+    /// is at `query_start`, over its cache buffers `(k, v, capacity)`: row i sees the keys up
+    /// to its own position, or the selected `keys`.
+    fn row_queries<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a [f32]>,
+        (k, v, capacity): (&'a [f32], &'a [f32], usize),
+        keys: Option<&'a [u32]>,
+        query_start: usize,
+    ) -> Vec<DecodeQuery<'a>> {
+        rows.enumerate()
+            .map(|(i, q)| DecodeQuery {
+                q,
+                k,
+                v,
+                heads: self.cfg.num_heads,
+                kv_heads: self.cfg.num_kv_heads,
+                head_dim: self.cfg.head_dim,
+                capacity,
+                keys,
+                key_len: query_start + i + 1,
+            })
+            .collect()
     }
 
     /// Attention for one sequence: `q` (heads, q_len, head_dim) against the cached `k`, `v`
@@ -632,23 +649,12 @@ impl Decoder {
             cpu_f32(&k_storage, k_layout)?,
             cpu_f32(&v_storage, v_layout)?,
         );
-        let queries = q_rows
-            .chunks_exact(width)
-            .enumerate()
-            .map(|(i, q)| {
-                Ok(DecodeQuery {
-                    q,
-                    k,
-                    v,
-                    heads,
-                    kv_heads: self.cfg.num_kv_heads,
-                    head_dim,
-                    capacity: k_buf.dim(1)?,
-                    keys: keys.as_deref(),
-                    key_len: site.query_start + i + 1,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let queries = self.row_queries(
+            q_rows.chunks_exact(width),
+            (k, v, k_buf.dim(1)?),
+            keys.as_deref(),
+            site.query_start,
+        );
         // Keys more than `window` positions back are out of sight (as in `mask`).
         let window = self.cfg.sliding_window.filter(|_| selection.is_none());
         let hooked = [HookPoint::Scores, HookPoint::Probs]
