@@ -286,7 +286,8 @@ impl QuantMatrix {
 
     /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Row groups are split over
     /// candle's CPU worker pool; every activation row is quantized once per call and each weight
-    /// block is read and unpacked once per [`BATCH`] activation rows.
+    /// block is read and unpacked once per 16 activation rows on AVX-512 (in its lanes), once
+    /// per [`BATCH`] of the rest.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         // SAFETY: f32 and MaybeUninit<f32> share their layout, and only f32 values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
