@@ -4,9 +4,10 @@
 //! and probabilities rewrite the same numbers between the passes (as host rows or tensors), so
 //! a pass-through hook never changes a result. Every instruction set computes the same floats.
 
-/// One query position's attention inputs; K and V are whole cache buffers (kv_heads, capacity,
-/// head_dim) of which the first `key_len` rows per head are meaningful.
-pub(crate) struct DecodeQuery<'a> {
+/// One query row's attention inputs (a decode step's row or a prompt row); K and V are whole
+/// cache buffers (kv_heads, capacity, head_dim) of which the first `key_len` rows per head are
+/// meaningful.
+pub(crate) struct QueryRow<'a> {
     /// (heads, head_dim), RoPE applied.
     pub q: &'a [f32],
     pub k: &'a [f32],
@@ -20,7 +21,7 @@ pub(crate) struct DecodeQuery<'a> {
     pub key_len: usize,
 }
 
-impl DecodeQuery<'_> {
+impl QueryRow<'_> {
     /// Keys each head attends to.
     pub fn n_keys(&self) -> usize {
         match self.keys {
@@ -61,7 +62,7 @@ impl DecodeQuery<'_> {
         }
     }
 
-    /// Σ_j probs[j] · v_j for head `h`, added to `acc`.
+    /// `Σ_j probs[j] · v_j` for head `h`, added to `acc`.
     #[inline(always)]
     fn head_values<L: Lanes>(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
         let kv_head = h / (self.heads / self.kv_heads);
@@ -119,29 +120,15 @@ impl DecodeQuery<'_> {
     }
 }
 
-/// Attention of several decode queries (one per sequence, each with its own cache), all heads
-/// of all of them split over the CPU workers in one pass: query i's outputs go to
-/// `out[i]` (heads × head_dim). The same arithmetic as a query's [`DecodeQuery::scores`],
-/// [`softmax_rows`] and [`weigh_values`], so results do not depend on the
-/// batch.
-pub(crate) fn attend_all(queries: &[DecodeQuery<'_>], window: Option<usize>, out: &mut [f32]) {
-    let Some(first) = queries.first() else {
-        return;
-    };
-    let (heads, head_dim) = (first.heads, first.head_dim);
-    assert!(queries
-        .iter()
-        .all(|q| q.heads == heads && q.head_dim == head_dim));
-    assert_eq!(out.len(), queries.len() * heads * head_dim, "output size");
-    for_each_head(out, head_dim, |item, acc| {
-        // Scratch for one head's scores, reused across this worker's items.
-        thread_local!(static SCORES: std::cell::RefCell<Vec<f32>> = const {
-            std::cell::RefCell::new(Vec::new())
-        });
-        SCORES.with_borrow_mut(|scores| {
-            let (query, h) = (&queries[item / heads], item % heads);
+/// Attention of query rows (of one or several sequences, each with its own cache), every
+/// (row, head) over the CPU workers in one pass: row i's outputs go to `out[i]` (heads ×
+/// head_dim). The same arithmetic as [`scores_all`], [`softmax_rows`] and [`weigh_values`], so
+/// results do not depend on the batch.
+pub(crate) fn attend_all(queries: &[QueryRow<'_>], window: Option<usize>, out: &mut [f32]) {
+    per_row_and_head(queries, out, |query, _, h, acc| {
+        SCRATCH.with_borrow_mut(|scores| {
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if has_avx2_fma() {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { query.attend_head_avx2(h, window, scores, acc) };
             }
@@ -154,7 +141,7 @@ pub(crate) fn attend_all(queries: &[DecodeQuery<'_>], window: Option<usize>, out
 /// and for keys more than `window` positions back; with `softmax`, each row's probabilities
 /// instead. Every (head, row) in one pass over the CPU workers.
 pub(crate) fn scores_all(
-    queries: &[DecodeQuery<'_>],
+    queries: &[QueryRow<'_>],
     window: Option<usize>,
     total: usize,
     softmax: bool,
@@ -184,16 +171,13 @@ pub(crate) fn scores_all(
 /// into `out` (q_len, heads, head_dim); every (row, head) in one pass over the CPU workers. The
 /// arithmetic of [`softmax_rows`] and [`weigh_values`].
 pub(crate) fn softmax_and_values(
-    queries: &[DecodeQuery<'_>],
+    queries: &[QueryRow<'_>],
     scores: &[f32],
     total: usize,
     out: &mut [f32],
 ) {
     per_row_and_head(queries, out, |query, i, h, acc| {
-        thread_local!(static ROW: std::cell::RefCell<Vec<f32>> = const {
-            std::cell::RefCell::new(Vec::new())
-        });
-        ROW.with_borrow_mut(|row| {
+        SCRATCH.with_borrow_mut(|row| {
             let at = (h * queries.len() + i) * total;
             row.clear();
             row.extend_from_slice(&scores[at..at + total]);
@@ -205,7 +189,7 @@ pub(crate) fn softmax_and_values(
 
 /// For rows whose probabilities hooks have rewritten: each (query row i, head h)'s weighted
 /// values from `probs` (heads, q_len, total), into `out` (q_len, heads, head_dim).
-pub(crate) fn values_of(queries: &[DecodeQuery<'_>], probs: &[f32], total: usize, out: &mut [f32]) {
+pub(crate) fn values_of(queries: &[QueryRow<'_>], probs: &[f32], total: usize, out: &mut [f32]) {
     per_row_and_head(queries, out, |query, i, h, acc| {
         let at = (h * queries.len() + i) * total;
         weigh_values(query, h, &probs[at..at + query.n_keys()], acc);
@@ -222,40 +206,50 @@ pub(crate) fn softmax_rows_parallel(values: &mut [f32], n: usize) {
 /// `f(query, row index, head, that (row, head)'s part of out)` for every query row and head,
 /// over the CPU workers; `out` is (q_len, heads, head_dim).
 fn per_row_and_head(
-    queries: &[DecodeQuery<'_>],
+    queries: &[QueryRow<'_>],
     out: &mut [f32],
-    f: impl Fn(&DecodeQuery<'_>, usize, usize, &mut [f32]) + Sync,
+    f: impl Fn(&QueryRow<'_>, usize, usize, &mut [f32]) + Sync,
 ) {
     let Some(first) = queries.first() else {
         return;
     };
-    let heads = first.heads;
-    assert_eq!(
-        out.len(),
-        queries.len() * heads * first.head_dim,
-        "output size"
-    );
-    for_each_head(out, first.head_dim, |item, acc| {
+    let (heads, head_dim) = (first.heads, first.head_dim);
+    assert!(queries
+        .iter()
+        .all(|q| q.heads == heads && q.head_dim == head_dim));
+    assert_eq!(out.len(), queries.len() * heads * head_dim, "output size");
+    for_each_head(out, head_dim, |item, acc| {
         let (i, h) = (item / heads, item % heads);
         f(&queries[i], i, h, acc)
     });
 }
 
+thread_local! {
+    /// One (row, head)'s scores, reused across a worker's items.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether the AVX2 lanes can run (checked once by the standard library, then cached).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
 /// Scaled scores q·k / √head_dim of head `h` of `query` for each key it sees, into `row`.
-fn score_keys(query: &DecodeQuery<'_>, h: usize, row: &mut [f32]) {
+fn score_keys(query: &QueryRow<'_>, h: usize, row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { query.head_scores_avx2(h, row) };
     }
     query.head_scores::<Portable>(h, row)
 }
 
-/// acc = Σ_j probs[j] · v_j for head `h` of `query`.
-fn weigh_values(query: &DecodeQuery<'_>, h: usize, probs: &[f32], acc: &mut [f32]) {
+/// `acc = Σ_j probs[j] · v_j` for head `h` of `query`.
+fn weigh_values(query: &QueryRow<'_>, h: usize, probs: &[f32], acc: &mut [f32]) {
     acc.fill(0.0);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { query.head_values_avx2(h, probs, acc) };
     }
@@ -281,12 +275,12 @@ fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + 
 /// Attention's per-key arithmetic, by instruction set; every implementation gives the same
 /// floats, so a result does not depend on the CPU or on which path computed it.
 trait Lanes {
-    /// `q` · each of four keys: per key, eight lanes of running sums of q[i]·k[i] (fused
+    /// `q` · each of four keys: per key, eight lanes of running sums of `q[i]·k[i]` (fused
     /// multiply-adds), combined as ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)), plus the products past the
     /// last whole eight.
     fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4];
 
-    /// acc[i] += probs[j] · row(j)[i] for j in order (fused multiply-adds).
+    /// `acc[i] += probs[j] · row(j)[i]` for j in order (fused multiply-adds).
     fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]);
 }
 
@@ -418,7 +412,7 @@ mod tests {
 
     #[test]
     fn avx2_lanes_give_the_portable_floats() {
-        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+        if !has_avx2_fma() {
             return;
         }
         let mut rng = SeededRng::new(3);

@@ -7,7 +7,7 @@
 //! padding masks are needed and each sequence's hooks see only its own rows.
 
 use crate::arch::DecoderConfig;
-use crate::cpu_attention::{self, DecodeQuery};
+use crate::cpu_attention::{self, QueryRow};
 use crate::embedding::Embedding;
 use crate::hooks::{AttentionRows, AttentionSite, HookPoint, RowSite, SequenceHooks};
 use crate::kv_cache::KvCache;
@@ -521,7 +521,7 @@ impl Decoder {
         Ok(attn)
     }
 
-    /// One [`DecodeQuery`] per query row (heads × head_dim each) of a sequence whose first row
+    /// One [`QueryRow`] per query row (heads × head_dim each) of a sequence whose first row
     /// is at `query_start`, over its cache buffers `(k, v, capacity)`: row i sees the keys up
     /// to its own position, or the selected `keys`.
     fn row_queries<'a>(
@@ -530,9 +530,9 @@ impl Decoder {
         (k, v, capacity): (&'a [f32], &'a [f32], usize),
         keys: Option<&'a [u32]>,
         query_start: usize,
-    ) -> Vec<DecodeQuery<'a>> {
+    ) -> Vec<QueryRow<'a>> {
         rows.enumerate()
-            .map(|(i, q)| DecodeQuery {
+            .map(|(i, q)| QueryRow {
                 q,
                 k,
                 v,
@@ -680,7 +680,7 @@ impl Decoder {
     fn hooked_attention_rows(
         &self,
         site: &AttentionSite<'_>,
-        queries: &[DecodeQuery<'_>],
+        queries: &[QueryRow<'_>],
         window: Option<usize>,
         step: &mut SequenceStep<'_>,
         out: &mut [f32],

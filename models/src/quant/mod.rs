@@ -287,7 +287,7 @@ impl QuantMatrix {
     /// `out` (m, rows) = `x` (m, cols) · selfᵀ, with `kernel`. Row groups are split over
     /// candle's CPU worker pool; every activation row is quantized once per call and each weight
     /// block is read and unpacked once per 16 activation rows on AVX-512 (in its lanes), once
-    /// per [`BATCH`] of the rest.
+    /// per batch of four of the rest.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         // SAFETY: f32 and MaybeUninit<f32> share their layout, and only f32 values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
@@ -361,7 +361,7 @@ impl QuantMatrix {
         });
     }
 
-    /// Row group `g`'s 8 rows · 16 activation rows on AVX-512 lanes, as [activation row][k].
+    /// Row group `g`'s 8 rows · 16 activation rows on AVX-512 lanes, as `[activation row][k]`.
     #[cfg(target_arch = "x86_64")]
     fn dot_group_lanes(
         &self,

@@ -195,7 +195,7 @@ kernels!(
     byte_fix: |s, ab| _mm256_sub_epi32(s, _mm256_set1_epi32(ab.offset)),
 );
 
-/// Batches of [`LANES`] activation rows on AVX-512: the activation rows sit in the 16 lanes of
+/// Batches of 16 activation rows on AVX-512: the activation rows sit in the 16 lanes of
 /// a 512-bit register and each weight row's 4-byte groups are broadcast against them, so a
 /// block costs one multiply-add per 4 values for 16 rows and no horizontal sums. Per (weight
 /// row, activation row) the block's exact integer sum then takes the portable kernel's f32
@@ -269,7 +269,7 @@ pub mod avx512_lanes {
         }
     }
 
-    /// out[r][j] = weight row r of the group · activation row j, from per-block integer sums
+    /// `out[r][j]` = weight row r of the group · activation row j, from per-block integer sums
     /// `ints(unpacked, r, acts)` (exact; `acts` are the 16 rows' 4-byte groups).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
     #[inline]
