@@ -4,6 +4,10 @@
 //! and probabilities rewrite the same numbers between the passes (as host rows or tensors), so
 //! a pass-through hook never changes a result. Every instruction set computes the same floats.
 
+use crate::exp::exp;
+#[cfg(target_arch = "x86_64")]
+use crate::exp::has_avx2_fma;
+
 /// One query row's attention inputs (a decode step's row or a prompt row); K and V are whole
 /// cache buffers (kv_heads, capacity, head_dim) of which the first `key_len` rows per head are
 /// meaningful.
@@ -90,7 +94,7 @@ impl QueryRow<'_> {
             let hidden = self.key_len.saturating_sub(window);
             scores[..hidden].fill(f32::NEG_INFINITY);
         }
-        softmax_rows(scores, n);
+        L::softmax(scores);
         out.fill(0.0);
         self.head_values::<L>(h, scores, out);
     }
@@ -229,12 +233,6 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Whether the AVX2 lanes can run (checked once by the standard library, then cached).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-}
-
 /// Scaled scores q·k / √head_dim of head `h` of `query` for each key it sees, into `row`.
 fn score_keys(query: &QueryRow<'_>, h: usize, row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -282,6 +280,12 @@ trait Lanes {
 
     /// `acc[i] += probs[j] · row(j)[i]` for j in order (fused multiply-adds).
     fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]);
+
+    /// Softmax of `row` in place: [`crate::exp::exp`] of each value less the row's maximum,
+    /// summed in eight lanes (value j in lane j mod 8) combined as in [`Self::dot4`], then each
+    /// value divided by that sum. Trailing -inf scores (keys a row does not see) add zeros to
+    /// the lanes, so a row padded with them gets the same probabilities as the row alone.
+    fn softmax(row: &mut [f32]);
 }
 
 /// Plain Rust, for any CPU.
@@ -304,7 +308,7 @@ impl Lanes for Portable {
         std::array::from_fn(|k| {
             let l = &lanes[k];
             let tail = (whole..q.len()).fold(0f32, |t, i| q[i].mul_add(keys[k][i], t));
-            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
+            sum_lanes(*l) + tail
         })
     }
 
@@ -314,6 +318,20 @@ impl Lanes for Portable {
             for (a, x) in acc.iter_mut().zip(row(j)) {
                 *a = p.mul_add(*x, *a);
             }
+        }
+    }
+
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [0f32; 8];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = exp(*x - max);
+            lanes[j % 8] += *x;
+        }
+        let sum = sum_lanes(lanes);
+        for x in row.iter_mut() {
+            *x /= sum;
         }
     }
 }
@@ -342,14 +360,11 @@ impl Lanes for Avx2 {
             // Plain loops, not closures: a closure's body would not get AVX2 inlined into it.
             let mut dots = [0f32; 4];
             for (k, (dot, l)) in dots.iter_mut().zip(lanes).enumerate() {
-                // [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s1, _, s2+s3, _].
-                let s = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
-                let t = _mm_add_ps(s, _mm_shuffle_ps(s, s, 0b10_11_00_01));
                 let mut tail = 0f32;
                 for i in whole..q.len() {
                     tail = q[i].mul_add(keys[k][i], tail);
                 }
-                *dot = _mm_cvtss_f32(t) + _mm_cvtss_f32(_mm_movehl_ps(t, t)) + tail;
+                *dot = sum_lanes_avx2(l) + tail;
             }
             dots
         }
@@ -387,22 +402,88 @@ impl Lanes for Avx2 {
             }
         }
     }
+
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let whole = row.len() / 8 * 8;
+        let at = row.as_mut_ptr();
+        // SAFETY: AVX2 and FMA are present (see the type's comment); every load and store is
+        // of eight values below `whole`.
+        unsafe {
+            let mut maxima = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in (0..whole).step_by(8) {
+                // A NaN value is skipped, as `f32::max` skips it.
+                maxima = _mm256_max_ps(_mm256_loadu_ps(at.add(c)), maxima);
+            }
+            let mut maxima_lanes = [0f32; 8];
+            _mm256_storeu_ps(maxima_lanes.as_mut_ptr(), maxima);
+            let max = row[whole..]
+                .iter()
+                .chain(&maxima_lanes)
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let offset = _mm256_set1_ps(max);
+            let mut sums = _mm256_setzero_ps();
+            for c in (0..whole).step_by(8) {
+                let e = crate::exp::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(at.add(c)), offset));
+                _mm256_storeu_ps(at.add(c), e);
+                sums = _mm256_add_ps(sums, e);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+            for (lane, x) in lanes.iter_mut().zip(&mut row[whole..]) {
+                *x = exp(*x - max);
+                *lane += *x;
+            }
+            let sum = sum_lanes(lanes);
+            let divisor = _mm256_set1_ps(sum);
+            for c in (0..whole).step_by(8) {
+                _mm256_storeu_ps(
+                    at.add(c),
+                    _mm256_div_ps(_mm256_loadu_ps(at.add(c)), divisor),
+                );
+            }
+            for x in &mut row[whole..] {
+                *x /= sum;
+            }
+        }
+    }
+}
+
+/// [`sum_lanes`] of a register: [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s1, _, s2+s3, _].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum_lanes_avx2(l: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
+    let t = _mm_add_ps(s, _mm_shuffle_ps(s, s, 0b10_11_00_01));
+    _mm_cvtss_f32(t) + _mm_cvtss_f32(_mm_movehl_ps(t, t))
 }
 
 /// Row-wise softmax in place; rows are `n` long. A row of only -inf becomes NaN, as in the
 /// tensor path, which never happens for a decode query (it always sees itself).
 fn softmax_rows(values: &mut [f32], n: usize) {
     for row in values.chunks_exact_mut(n) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { softmax_avx2(row) };
+            continue;
         }
-        for x in row.iter_mut() {
-            *x /= sum;
-        }
+        Portable::softmax(row)
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_avx2(row: &mut [f32]) {
+    Avx2::softmax(row)
+}
+
+/// The lane-order sum ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)) of eight running sums.
+fn sum_lanes(l: [f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -429,6 +510,37 @@ mod tests {
             Avx2::add_weighted(&mut simd, &probs, |j| &rows[j]);
             Portable::add_weighted(&mut portable, &probs, |j| &rows[j]);
             assert_eq!(simd, portable, "dim {dim}");
+        }
+        for len in [1, 7, 8, 13, 64, 231] {
+            let mut portable: Vec<f32> = values(len).iter().map(|x| 30.0 * x).collect();
+            if len > 1 {
+                portable[len / 2] = f32::NEG_INFINITY;
+            }
+            let mut simd = portable.clone();
+            let mut padded = [&portable[..], &[f32::NEG_INFINITY; 11]].concat();
+            Portable::softmax(&mut portable);
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { softmax_avx2(&mut simd) };
+            assert_eq!(simd, portable, "softmax of {len}");
+            Portable::softmax(&mut padded);
+            assert_eq!(
+                padded[..len],
+                portable,
+                "softmax of {len} padded with unseen keys"
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_libm_within_rounding() {
+        let mut rng = SeededRng::new(5);
+        let mut row: Vec<f32> = (0..100).map(|_| 20.0 * (rng.next_f32() - 0.5)).collect();
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|x| ((x - max) as f64).exp()).sum();
+        let exact: Vec<f64> = row.iter().map(|x| ((x - max) as f64).exp() / sum).collect();
+        softmax_rows(&mut row, 100);
+        for (p, e) in row.iter().zip(exact) {
+            assert!((*p as f64 - e).abs() <= 1e-6 * e.max(1e-30), "{p} vs {e}");
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod convert;
 mod cpu_attention;
 pub mod decoder;
 pub mod embedding;
+mod exp;
 pub mod fetch;
 pub mod gguf;
 pub mod hooks;
