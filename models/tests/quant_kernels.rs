@@ -151,21 +151,24 @@ fn formats_without_our_kernel_are_left_to_candle() {
 fn a_rows_result_is_the_same_alone_or_in_a_batch() {
     let mut rng = SeededRng::new(13);
     for format in FORMATS {
-        let matrix = random_matrix(&mut rng, 40, 96, format);
-        // 23 rows: 16 in AVX-512 lanes, a batch of 4 sharing weights, and single rows.
-        let m = 23;
-        let x: Vec<f32> = (0..m * 96).map(|_| rng.next_f32()).collect();
-        for kernel in Kernel::available() {
-            let mut batched = vec![0f32; m * 40];
-            matrix.matmul_with(kernel, &x, m, &mut batched);
-            for i in 0..m {
-                let mut alone = vec![0f32; 40];
-                matrix.matmul_with(kernel, &x[i * 96..(i + 1) * 96], 1, &mut alone);
-                assert_eq!(
-                    &batched[i * 40..(i + 1) * 40],
-                    &alone[..],
-                    "{format:?} {kernel:?} row {i}"
-                );
+        // 44 weight rows: five whole groups of 8 and a partial one.
+        let matrix = random_matrix(&mut rng, 44, 96, format);
+        // 23 rows: 16 in AVX-512 lanes, a batch of 4 sharing weights, and single rows; 27 and
+        // 12: a last batch of 11 and of 12 in padded lanes.
+        for m in [23, 27, 12] {
+            let x: Vec<f32> = (0..m * 96).map(|_| rng.next_f32()).collect();
+            for kernel in Kernel::available() {
+                let mut batched = vec![0f32; m * 44];
+                matrix.matmul_with(kernel, &x, m, &mut batched);
+                for i in 0..m {
+                    let mut alone = vec![0f32; 44];
+                    matrix.matmul_with(kernel, &x[i * 96..(i + 1) * 96], 1, &mut alone);
+                    assert_eq!(
+                        &batched[i * 44..(i + 1) * 44],
+                        &alone[..],
+                        "{format:?} {kernel:?} m {m} row {i}"
+                    );
+                }
             }
         }
     }

@@ -167,10 +167,14 @@ impl Sampler {
 }
 
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
+    // The best value stays in a register rather than being reloaded per element.
+    let Some(&first) = v.first() else {
+        return 0;
+    };
+    let (mut best, mut best_value) = (0, first);
+    for (i, &x) in v.iter().enumerate().skip(1) {
+        if x > best_value {
+            (best, best_value) = (i, x);
         }
     }
     best as u32

@@ -217,37 +217,32 @@ pub mod avx512_lanes {
         offset: [i32; LANES],
     }
 
-    /// Rearranges 16 rows of quantized activations (`a`: row after row, `n` blocks each) into
-    /// `n` lane blocks.
-    pub fn lane_blocks(a: &[ActBlock], n: usize) -> Vec<LaneBlock> {
-        let mut blocks = vec![
-            LaneBlock {
-                q: [[0; LANES]; BLOCK / 4],
-                d: [0.0; LANES],
-                sum: [0.0; LANES],
-                offset: [0; LANES],
-            };
-            n
-        ];
-        for (j, row) in a.chunks_exact(n).take(LANES).enumerate() {
-            for (lanes, block) in blocks.iter_mut().zip(row) {
-                let words = block.lo[..16]
-                    .chunks_exact(4)
-                    .chain(block.hi[..16].chunks_exact(4));
-                for (k, word) in words.enumerate() {
-                    lanes.q[k][j] = i32::from_le_bytes([
-                        word[0] as u8,
-                        word[1] as u8,
-                        word[2] as u8,
-                        word[3] as u8,
-                    ]);
-                }
-                lanes.d[j] = block.d;
-                lanes.sum[j] = block.sum;
-                lanes.offset[j] = block.offset;
+    /// One block of up to 16 activation rows in lanes, from each row's quantized block;
+    /// lanes without a row hold zeros.
+    pub fn lane_block<'a>(rows: impl Iterator<Item = &'a ActBlock>) -> LaneBlock {
+        let mut lanes = LaneBlock {
+            q: [[0; LANES]; BLOCK / 4],
+            d: [0.0; LANES],
+            sum: [0.0; LANES],
+            offset: [0; LANES],
+        };
+        for (j, block) in rows.take(LANES).enumerate() {
+            let words = block.lo[..16]
+                .chunks_exact(4)
+                .chain(block.hi[..16].chunks_exact(4));
+            for (k, word) in words.enumerate() {
+                lanes.q[k][j] = i32::from_le_bytes([
+                    word[0] as u8,
+                    word[1] as u8,
+                    word[2] as u8,
+                    word[3] as u8,
+                ]);
             }
+            lanes.d[j] = block.d;
+            lanes.sum[j] = block.sum;
+            lanes.offset[j] = block.offset;
         }
-        blocks
+        lanes
     }
 
     /// Unpacked unsigned weight bytes of one group block: `pairs[p][h]` = values 16h..16h+16
@@ -269,7 +264,18 @@ pub mod avx512_lanes {
         }
     }
 
-    /// `out[r][j]` = weight row r of the group · activation row j, from per-block integer sums
+    /// Where a group's results go: activation row j's value for weight row r at
+    /// `at + j·stride + r`, for the group's first `rows` weight rows and the first `acts`
+    /// activation rows (the lanes past them are padding).
+    #[derive(Clone, Copy)]
+    pub struct LanesOut {
+        pub at: *mut f32,
+        pub stride: usize,
+        pub rows: usize,
+        pub acts: usize,
+    }
+
+    /// Weight row r of the group · activation row j into `out`, from per-block integer sums
     /// `ints(unpacked, r, acts)` (exact; `acts` are the 16 rows' 4-byte groups).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
     #[inline]
@@ -278,7 +284,7 @@ pub mod avx512_lanes {
         mut unpack: impl FnMut(usize, &mut Unpacked),
         a: &[LaneBlock],
         fix: impl Fn(__m512i, &LaneBlock) -> __m512i,
-        out: &mut [[f32; LANES]; GROUP],
+        out: LanesOut,
     ) {
         let mut unpacked = Unpacked {
             pairs: [[[0; 32]; 2]; 4],
@@ -308,21 +314,73 @@ pub mod avx512_lanes {
                 *acc = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, *acc);
             }
         }
-        for (out, acc) in out.iter_mut().zip(acc) {
-            _mm512_storeu_ps(out.as_mut_ptr(), acc);
+        store_transposed(acc, out);
+    }
+
+    /// Writes `acc[r]` lane j to `out.at + j·stride + r`: in registers when the group has all
+    /// its rows (an 8 × 16 transpose, then a store of eight floats per activation row).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
+    #[inline]
+    unsafe fn store_transposed(acc: [__m512; GROUP], out: LanesOut) {
+        if out.rows < GROUP {
+            let mut by_row = [[0f32; LANES]; GROUP];
+            for (row, acc) in by_row.iter_mut().zip(acc) {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc);
+            }
+            for j in 0..out.acts {
+                for (r, row) in by_row.iter().enumerate().take(out.rows) {
+                    *out.at.add(j * out.stride + r) = row[j];
+                }
+            }
+            return;
+        }
+        // Within each 128-bit lane L (activation rows 4L..4L+4): pairs of weight rows, then
+        // quads, so that quad[c] holds weight rows 0-3 of activation row 4L + c and quad[4 + c]
+        // rows 4-7.
+        let pairs: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (acc[2 * (i / 2)], acc[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let quad = |first: usize, c: usize| {
+            let (a, b) = (pairs[first + c / 2], pairs[first + 2 + c / 2]);
+            if c % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm512_shuffle_ps::<0xEE>(a, b)
+            }
+        };
+        let low_lanes = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        let high_lanes =
+            _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+        for c in 0..4 {
+            let (rows_0_3, rows_4_7) = (quad(0, c), quad(4, c));
+            // [L0 of both, L1 of both] and [L2 of both, L3 of both]: activation rows c, 4 + c,
+            // 8 + c and 12 + c, eight weight rows each.
+            for (half, lanes) in [low_lanes, high_lanes].into_iter().enumerate() {
+                let both = _mm512_permutex2var_ps(rows_0_3, lanes, rows_4_7);
+                let j = 8 * half + c;
+                if j < out.acts {
+                    _mm256_storeu_ps(out.at.add(j * out.stride), _mm512_castps512_ps256(both));
+                }
+                if j + 4 < out.acts {
+                    let upper = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(both));
+                    _mm256_storeu_ps(out.at.add((j + 4) * out.stride), _mm256_castpd_ps(upper));
+                }
+            }
         }
     }
 
     /// The 8 rows of a Q4_0/Q4_1 group (`w`: one group per block) · 16 activation rows.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and VNNI; `a` has `w.len()` blocks.
+    /// The CPU has AVX-512 F and VNNI; `a` has `w.len()` blocks; `out` can take 16 activation
+    /// rows of `out.rows` values.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
-    pub unsafe fn dot_nibble_lanes(
-        w: &[NibbleGroup],
-        a: &[LaneBlock],
-        out: &mut [[f32; LANES]; GROUP],
-    ) {
+    pub unsafe fn dot_nibble_lanes(w: &[NibbleGroup], a: &[LaneBlock], out: LanesOut) {
         let mask = _mm256_set1_epi8(0x0F);
         let unpack = |b: usize, u: &mut Unpacked| {
             let g = w.get_unchecked(b);
@@ -346,13 +404,9 @@ pub mod avx512_lanes {
     /// 128·Σa subtracted per block.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and VNNI; `a` has `w.len()` blocks.
+    /// As [`dot_nibble_lanes`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
-    pub unsafe fn dot_byte_lanes(
-        w: &[ByteGroup],
-        a: &[LaneBlock],
-        out: &mut [[f32; LANES]; GROUP],
-    ) {
+    pub unsafe fn dot_byte_lanes(w: &[ByteGroup], a: &[LaneBlock], out: LanesOut) {
         let flip = _mm256_set1_epi8(-128);
         let unpack = |b: usize, u: &mut Unpacked| {
             let g = w.get_unchecked(b);
