@@ -12,7 +12,7 @@
 
 use crate::params::{check_indices, check_range, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape};
-use attune_models::{AttentionRows, AttentionSite, HookPoint, SequenceHooks};
+use attune_models::{AttentionRows, AttentionSite, HeadRowRewrite, HookPoint, SequenceHooks};
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -146,6 +146,61 @@ impl SequenceHooks for ActHooks {
         }
         Ok(true)
     }
+
+    /// A decode row is its own column scores: each head calibrates alone, inside the pass.
+    fn decode_rewrite(&self, site: &AttentionSite) -> Option<Box<dyn HeadRowRewrite + '_>> {
+        Some(Box::new(DecodeCalibration {
+            heads: self.heads_at(site),
+            beta: self.beta,
+            threshold: self.threshold,
+        }))
+    }
+}
+
+/// [`calibrate_rows`] on one decode row of one head (`heads`: `None` on steps ACT leaves
+/// alone).
+struct DecodeCalibration<'a> {
+    heads: Option<&'a [bool]>,
+    beta: f64,
+    threshold: f64,
+}
+
+impl HeadRowRewrite for DecodeCalibration<'_> {
+    fn probs(&self, head: usize, probs: &mut [f32]) {
+        if self
+            .heads
+            .is_some_and(|heads| heads.get(head).copied().unwrap_or(false))
+        {
+            calibrate_decode_row(probs, self.beta, self.threshold);
+        }
+    }
+}
+
+/// [`calibrate_head`] for a single row: one query sees every key, so each key's column score
+/// is its own weight, and nothing needs to be gathered first (no allocation per head and step).
+fn calibrate_decode_row(row: &mut [f32], beta: f64, threshold: f64) {
+    let threshold = threshold as f32;
+    let Some(first) = row.iter().position(|&v| v > threshold) else {
+        return;
+    };
+    let is_sink = |j: usize, v: f32| j > first && v > threshold;
+    if !row.iter().enumerate().any(|(j, &v)| is_sink(j, v)) {
+        return;
+    }
+    let sink_mass: f32 = row
+        .iter()
+        .enumerate()
+        .filter(|&(j, &v)| is_sink(j, v))
+        .map(|(_, v)| v)
+        .sum();
+    let rest = 1.0 - sink_mass;
+    if rest < 1e-6 {
+        return;
+    }
+    let grow = 1.0 + (1.0 - beta as f32) * sink_mass / rest;
+    for (j, v) in row.iter_mut().enumerate() {
+        *v *= if is_sink(j, *v) { beta as f32 } else { grow };
+    }
 }
 
 impl ActHooks {
@@ -202,50 +257,55 @@ pub fn calibrate_rows(
         .map(|j| (q_len - j.saturating_sub(query_start).min(q_len)).max(1) as f32)
         .collect();
     let mut changed = false;
-    let mut is_sink = vec![false; k_len];
-    let mut column = vec![0f32; k_len];
     for (h, head) in rows.values.chunks_exact_mut(q_len * k_len).enumerate() {
-        if !heads.get(h).copied().unwrap_or(false) {
-            continue;
-        }
-        column.fill(0.0);
-        for row in head.chunks_exact(k_len) {
-            for (c, v) in column.iter_mut().zip(row) {
-                *c += v;
-            }
-        }
-        // Sinks after the first candidate. Compared in f32, as the reference code's float32
-        // tensors compare with a Python float.
-        let mut seen_first = false;
-        let mut any = false;
-        for j in 0..k_len {
-            let candidate = column[j] / visible[j] > threshold as f32;
-            is_sink[j] = candidate && seen_first;
-            seen_first |= candidate;
-            any |= is_sink[j];
-        }
-        if !any {
-            continue;
-        }
-        changed = true;
-        for row in head.chunks_exact_mut(k_len) {
-            let sink_mass: f32 = row
-                .iter()
-                .zip(&is_sink)
-                .filter(|(_, s)| **s)
-                .map(|(v, _)| v)
-                .sum();
-            let rest = 1.0 - sink_mass;
-            // Rows with no room (R ~ 0) stay as they are, which also keeps 0/0 out of the next
-            // layer; otherwise non-sinks grow by (1 + (1 - beta) m / R) and sinks shrink by beta.
-            if rest < 1e-6 {
-                continue;
-            }
-            let grow = 1.0 + (1.0 - beta as f32) * sink_mass / rest;
-            for (v, &sink) in row.iter_mut().zip(&is_sink) {
-                *v *= if sink { beta as f32 } else { grow };
-            }
+        if heads.get(h).copied().unwrap_or(false) {
+            changed |= calibrate_head(head, &visible, beta, threshold);
         }
     }
     changed
+}
+
+/// ACT on one head's rows (query_len × keys, `visible[j]` rows seeing key j); returns whether
+/// it found sinks to calibrate.
+fn calibrate_head(head: &mut [f32], visible: &[f32], beta: f64, threshold: f64) -> bool {
+    let k_len = visible.len();
+    let mut column = vec![0f32; k_len];
+    for row in head.chunks_exact(k_len) {
+        for (c, v) in column.iter_mut().zip(row) {
+            *c += v;
+        }
+    }
+    // Sinks after the first candidate. Compared in f32, as the reference code's float32
+    // tensors compare with a Python float.
+    let mut is_sink = vec![false; k_len];
+    let mut seen_first = false;
+    let mut any = false;
+    for j in 0..k_len {
+        let candidate = column[j] / visible[j] > threshold as f32;
+        is_sink[j] = candidate && seen_first;
+        seen_first |= candidate;
+        any |= is_sink[j];
+    }
+    if !any {
+        return false;
+    }
+    for row in head.chunks_exact_mut(k_len) {
+        let sink_mass: f32 = row
+            .iter()
+            .zip(&is_sink)
+            .filter(|(_, s)| **s)
+            .map(|(v, _)| v)
+            .sum();
+        let rest = 1.0 - sink_mass;
+        // Rows with no room (R ~ 0) stay as they are, which also keeps 0/0 out of the next
+        // layer; otherwise non-sinks grow by (1 + (1 - beta) m / R) and sinks shrink by beta.
+        if rest < 1e-6 {
+            continue;
+        }
+        let grow = 1.0 + (1.0 - beta as f32) * sink_mass / rest;
+        for (v, &sink) in row.iter_mut().zip(&is_sink) {
+            *v *= if sink { beta as f32 } else { grow };
+        }
+    }
+    true
 }

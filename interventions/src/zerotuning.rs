@@ -12,7 +12,8 @@
 use crate::params::{check_indices, from_value, InterventionError};
 use crate::{Installed, Intervention, ModelShape, PromptView};
 use attune_models::{
-    AttentionRows, AttentionSite, Decoder, HookPoint, LogitsFor, SequenceHooks, SequenceStep,
+    AttentionRows, AttentionSite, Decoder, HeadRowRewrite, HookPoint, LogitsFor, SequenceHooks,
+    SequenceStep,
 };
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -312,6 +313,27 @@ impl SequenceHooks for ZeroTuningHooks {
             }
         }
         Ok(true)
+    }
+
+    /// ln gamma onto each head's score of key 0, inside the attention pass.
+    fn decode_rewrite(&self, site: &AttentionSite) -> Option<Box<dyn HeadRowRewrite + '_>> {
+        if site.selected_keys.is_some() {
+            return None;
+        }
+        let log_gamma = self.log_gamma[site.layer].as_deref()?;
+        Some(Box::new(InitialKeyBias(log_gamma)))
+    }
+}
+
+/// [`ZeroTuningHooks::bias`] for one head's row of keys in position order: only key 0
+/// changes (adding the bias's zeros elsewhere leaves every probability as it is).
+struct InitialKeyBias<'a>(&'a [f32]);
+
+impl HeadRowRewrite for InitialKeyBias<'_> {
+    fn scores(&self, head: usize, scores: &mut [f32]) {
+        if let (Some(log_gamma), Some(initial)) = (self.0.get(head), scores.first_mut()) {
+            *initial += log_gamma;
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! Attention of query rows on the CPU, straight from the KV cache buffers: scores, softmax and
 //! the weighted sum of values in plain loops instead of ~10 small tensor ops per layer, each
 //! (query row, head) of a whole batch handed to the CPU workers in one pass. Hooks on scores
-//! and probabilities rewrite the same numbers between the passes (as host rows or tensors), so
-//! a pass-through hook never changes a result. Every instruction set computes the same floats.
+//! and probabilities rewrite the same numbers inside that pass (a decode row's
+//! [`HeadRowRewrite`]) or between passes (as host rows or tensors), so a pass-through hook
+//! never changes a result. Every instruction set computes the same floats.
 
 use crate::exp::exp;
 #[cfg(target_arch = "x86_64")]
 use crate::exp::has_avx2_fma;
+use crate::hooks::HeadRowRewrite;
 
 /// One query row's attention inputs (a decode step's row or a prompt row); K and V are whole
 /// cache buffers (kv_heads, capacity, head_dim) of which the first `key_len` rows per head are
@@ -23,6 +25,8 @@ pub(crate) struct QueryRow<'a> {
     /// Key positions per KV head, (kv_heads, n_keys); `None` = all `key_len` keys.
     pub keys: Option<&'a [u32]>,
     pub key_len: usize,
+    /// A hook's change to each head's scores and probabilities, made inside the pass.
+    pub rewrite: Option<&'a dyn HeadRowRewrite>,
 }
 
 impl QueryRow<'_> {
@@ -76,8 +80,9 @@ impl QueryRow<'_> {
     }
 
     /// Scores, softmax (after hiding keys more than `window` positions back) and weighted
-    /// values of head `h` in one go, into `out` (head_dim): the arithmetic of [`scores_all`],
-    /// [`softmax_rows`] and [`weigh_values`] for that head. `scores` is scratch space.
+    /// values of head `h` in one go, into `out` (head_dim), with the row's rewrite of scores
+    /// and probabilities if it has one: the arithmetic of [`scores_all`], [`softmax_rows`] and
+    /// [`weigh_values`] for that head. `scores` is scratch space.
     #[inline(always)]
     fn attend_head<L: Lanes>(
         &self,
@@ -94,7 +99,13 @@ impl QueryRow<'_> {
             let hidden = self.key_len.saturating_sub(window);
             scores[..hidden].fill(f32::NEG_INFINITY);
         }
+        if let Some(rewrite) = self.rewrite {
+            rewrite.scores(h, scores);
+        }
         L::softmax(scores);
+        if let Some(rewrite) = self.rewrite {
+            rewrite.probs(h, scores);
+        }
         out.fill(0.0);
         self.head_values::<L>(h, scores, out);
     }

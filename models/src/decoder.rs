@@ -9,7 +9,9 @@
 use crate::arch::DecoderConfig;
 use crate::cpu_attention::{self, QueryRow};
 use crate::embedding::Embedding;
-use crate::hooks::{AttentionRows, AttentionSite, HookPoint, RowSite, SequenceHooks};
+use crate::hooks::{
+    AttentionRows, AttentionSite, HeadRowRewrite, HookPoint, RowSite, SequenceHooks,
+};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::rope::{Rope, RopeTables};
@@ -498,14 +500,32 @@ impl Decoder {
         let window = self.cfg.sliding_window;
         let rows: usize = spans.iter().map(|s| s.len).sum();
         let mut attn = vec![0f32; rows * q_width];
+        // Hooks on scores or probabilities: decode rows whose hooks rewrite a head's row at a
+        // time join the one pass; the others get whole rows between passes, first (their
+        // hooks need `&mut`, the rewrites borrow them).
+        let hooked: Vec<bool> = chosen
+            .iter()
+            .map(|&i| {
+                [HookPoint::Scores, HookPoint::Probs]
+                    .iter()
+                    .any(|&point| batch[i].hooks_for(point, layer).is_some())
+            })
+            .collect();
+        let rewrites_in_pass: Vec<bool> = chosen
+            .iter()
+            .zip(&hooked)
+            .map(|(&i, &hooked)| {
+                hooked && self.decode_rewrite(&batch[i], &spans[i], layer).is_some()
+            })
+            .collect();
         let mut plain = Vec::new();
         let mut plain_rows = Vec::new();
-        for (&i, rows) in chosen.iter().zip(queries) {
+        let mut in_pass = Vec::new();
+        for (k, (&i, rows)) in chosen.iter().zip(queries).enumerate() {
             let span = &spans[i];
-            let hooked = [HookPoint::Scores, HookPoint::Probs]
-                .iter()
-                .any(|&point| batch[i].hooks_for(point, layer).is_some());
-            if hooked {
+            if rewrites_in_pass[k] {
+                in_pass.push((i, rows));
+            } else if hooked[k] {
                 let out = &mut attn[span.row * q_width..(span.row + span.len) * q_width];
                 self.hooked_attention_rows(&span.site(layer), &rows, window, &mut batch[i], out)?;
             } else {
@@ -513,12 +533,37 @@ impl Decoder {
                 plain.extend(rows);
             }
         }
+        let rewrites: Vec<_> = in_pass
+            .iter()
+            .map(|&(i, _)| self.decode_rewrite(&batch[i], &spans[i], layer))
+            .collect();
+        for ((i, mut rows), rewrite) in in_pass.into_iter().zip(&rewrites) {
+            for row in &mut rows {
+                row.rewrite = rewrite.as_deref();
+            }
+            plain_rows.extend(spans[i].row..spans[i].row + spans[i].len);
+            plain.extend(rows);
+        }
         let mut outputs = vec![0f32; plain.len() * q_width];
         cpu_attention::attend_all(&plain, window, &mut outputs);
         for (row, out) in plain_rows.into_iter().zip(outputs.chunks_exact(q_width)) {
             attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
         }
         Ok(attn)
+    }
+
+    /// The in-pass rewrite of `step`'s hooks for its attention in `layer`, if the step is a
+    /// decode row and its hooks offer one.
+    fn decode_rewrite<'s>(
+        &self,
+        step: &'s SequenceStep<'_>,
+        span: &Span,
+        layer: usize,
+    ) -> Option<Box<dyn HeadRowRewrite + 's>> {
+        if span.len != 1 {
+            return None;
+        }
+        step.hooks.as_deref()?.decode_rewrite(&span.site(layer))
     }
 
     /// One [`QueryRow`] per query row (heads × head_dim each) of a sequence whose first row
@@ -542,6 +587,7 @@ impl Decoder {
                 capacity,
                 keys,
                 key_len: query_start + i + 1,
+                rewrite: None,
             })
             .collect()
     }

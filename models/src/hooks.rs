@@ -85,6 +85,17 @@ impl AttentionRows<'_> {
     }
 }
 
+/// What a hook on scores or probabilities does to a decode step's attention, one head's row
+/// at a time: the decoder runs it on the CPU workers inside its attention pass (no second
+/// pass, no copy of the rows), on CPU f32 models. Rows hold the keys the query sees, in
+/// position order (there is no key selection).
+pub trait HeadRowRewrite: Sync {
+    /// Head `head`'s scaled, masked scores, before the softmax.
+    fn scores(&self, _head: usize, _scores: &mut [f32]) {}
+    /// Head `head`'s probabilities, after the softmax.
+    fn probs(&self, _head: usize, _probs: &mut [f32]) {}
+}
+
 /// Callbacks for one sequence. All callbacks default to passing their input through.
 pub trait SequenceHooks: Send {
     /// Whether this hook set acts at `point` in `layer` (for `Residual`, `layer` is the depth).
@@ -116,6 +127,14 @@ pub trait SequenceHooks: Send {
         _probs: &mut AttentionRows,
     ) -> Result<bool> {
         Ok(false)
+    }
+
+    /// For a decode step's attention at `site` (one query, all keys): what [`Self::scores`]
+    /// and [`Self::probs`] would do there as a [`HeadRowRewrite`], giving the same values, or
+    /// `None`, the default, to be called with whole rows. Consulted only where this hook set
+    /// wants scores or probabilities.
+    fn decode_rewrite(&self, _site: &AttentionSite) -> Option<Box<dyn HeadRowRewrite + '_>> {
+        None
     }
 
     /// Reads the layer's per-head outputs; runs for every sequence of the step before any
@@ -208,6 +227,19 @@ impl SequenceHooks for HookStack {
         Ok(true)
     }
 
+    /// The hooks' rewrites in order, when every hook on scores or probabilities here has one.
+    fn decode_rewrite(&self, site: &AttentionSite) -> Option<Box<dyn HeadRowRewrite + '_>> {
+        let rewrites = self
+            .0
+            .iter()
+            .filter(|h| {
+                h.wants(HookPoint::Scores, site.layer) || h.wants(HookPoint::Probs, site.layer)
+            })
+            .map(|h| h.decode_rewrite(site))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Box::new(RewritesInOrder(rewrites)))
+    }
+
     fn observe_head_outputs(&mut self, site: &AttentionSite, t: &Tensor) -> Result<()> {
         for h in self
             .0
@@ -275,5 +307,23 @@ impl SequenceHooks for HookStack {
             }
         }
         Ok(None)
+    }
+}
+
+/// Several hook sets' rewrites: every one's scores change, then (after the softmax) every
+/// one's probabilities change, as [`HookStack`] applies its hooks.
+struct RewritesInOrder<'a>(Vec<Box<dyn HeadRowRewrite + 'a>>);
+
+impl HeadRowRewrite for RewritesInOrder<'_> {
+    fn scores(&self, head: usize, scores: &mut [f32]) {
+        for r in &self.0 {
+            r.scores(head, scores);
+        }
+    }
+
+    fn probs(&self, head: usize, probs: &mut [f32]) {
+        for r in &self.0 {
+            r.probs(head, probs);
+        }
     }
 }

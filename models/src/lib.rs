@@ -26,7 +26,9 @@ mod weights;
 
 pub use arch::{Architecture, DecoderConfig};
 pub use decoder::{Decoder, DecoderInput, LogitsFor, SequenceStep};
-pub use hooks::{AttentionRows, AttentionSite, HookPoint, HookStack, RowSite, SequenceHooks};
+pub use hooks::{
+    AttentionRows, AttentionSite, HeadRowRewrite, HookPoint, HookStack, RowSite, SequenceHooks,
+};
 pub use kv_cache::KvCache;
 pub use loader::{default_device, Model};
 pub use source::{MissingDefault, ModelSource};

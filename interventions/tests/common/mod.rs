@@ -44,3 +44,70 @@ pub fn prefill_then_decode(
         })
         .collect()
 }
+
+/// Logits as [`prefill_then_decode`] gives them, with `spec`'s hooks run at decode steps
+/// inside the attention pass (their [`HeadRowRewrite`]) or, with `whole_rows`, between passes
+/// (a pass-through hook on scores without a rewrite joins them). Also returns how many head
+/// rows a counting rewrite beside them saw.
+pub fn decode_in_pass_or_between(
+    seed: u64,
+    spec: Value,
+    prompt: &[u32],
+    decode: &[u32],
+    whole_rows: bool,
+) -> (Vec<Vec<f32>>, usize) {
+    use attune_models::{AttentionSite, HeadRowRewrite, HookPoint, HookStack, SequenceHooks};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Wants probabilities everywhere; its rewrite only counts the rows it sees.
+    struct Counting(Arc<AtomicUsize>);
+    impl SequenceHooks for Counting {
+        fn wants(&self, point: HookPoint, _: usize) -> bool {
+            point == HookPoint::Probs
+        }
+        fn decode_rewrite(&self, _: &AttentionSite) -> Option<Box<dyn HeadRowRewrite + '_>> {
+            Some(Box::new(CountRows(&self.0)))
+        }
+    }
+    struct CountRows<'a>(&'a AtomicUsize);
+    impl HeadRowRewrite for CountRows<'_> {
+        fn probs(&self, _: usize, _: &mut [f32]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    /// Wants scores everywhere, passes them through, offers no rewrite.
+    struct WholeRows;
+    impl SequenceHooks for WholeRows {
+        fn wants(&self, point: HookPoint, _: usize) -> bool {
+            point == HookPoint::Scores
+        }
+    }
+
+    let m = random_decoder(&tiny_config(), seed, &Device::Cpu).unwrap();
+    let rows = Arc::new(AtomicUsize::new(0));
+    let mut stack: Vec<Box<dyn SequenceHooks>> = vec![
+        parse(&spec, &tiny_shape())
+            .unwrap()
+            .install()
+            .hooks
+            .unwrap(),
+        Box::new(Counting(rows.clone())),
+    ];
+    if whole_rows {
+        stack.push(Box::new(WholeRows));
+    }
+    let mut hooks = HookStack(stack);
+    let mut cache = m.new_cache();
+    let logits = std::iter::once(prompt)
+        .chain(decode.chunks(1))
+        .map(|tokens| {
+            m.forward_one(tokens, &mut cache, Some(&mut hooks))
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let rows = rows.load(Ordering::Relaxed);
+    (logits, rows)
+}

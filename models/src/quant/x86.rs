@@ -339,7 +339,7 @@ pub mod avx512_lanes {
         // rows 4-7.
         let pairs: [__m512; 8] = std::array::from_fn(|i| {
             let (a, b) = (acc[2 * (i / 2)], acc[2 * (i / 2) + 1]);
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 _mm512_unpacklo_ps(a, b)
             } else {
                 _mm512_unpackhi_ps(a, b)
@@ -347,7 +347,7 @@ pub mod avx512_lanes {
         });
         let quad = |first: usize, c: usize| {
             let (a, b) = (pairs[first + c / 2], pairs[first + 2 + c / 2]);
-            if c % 2 == 0 {
+            if c.is_multiple_of(2) {
                 _mm512_shuffle_ps::<0x44>(a, b)
             } else {
                 _mm512_shuffle_ps::<0xEE>(a, b)

@@ -1,6 +1,8 @@
 //! Hook wrappers that time each intervention's hooks (`attune_intervention_hook_seconds`).
 
-use attune_models::{AttentionRows, AttentionSite, HookPoint, RowSite, SequenceHooks};
+use attune_models::{
+    AttentionRows, AttentionSite, HeadRowRewrite, HookPoint, RowSite, SequenceHooks,
+};
 use candle_core::{Result as CandleResult, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,6 +48,13 @@ impl SequenceHooks for TimedHooks {
     ) -> CandleResult<bool> {
         self.timed(|h| h.probs_in_place(site, r))
     }
+    fn decode_rewrite(&self, site: &AttentionSite) -> Option<Box<dyn HeadRowRewrite + '_>> {
+        let inner = self.inner.decode_rewrite(site)?;
+        Some(Box::new(TimedRewrite {
+            inner,
+            spent_nanos: &self.spent_nanos,
+        }))
+    }
     fn observe_head_outputs(&mut self, site: &AttentionSite, t: &Tensor) -> CandleResult<()> {
         self.timed(|h| h.observe_head_outputs(site, t))
     }
@@ -63,5 +72,29 @@ impl SequenceHooks for TimedHooks {
     }
     fn select_keys(&mut self, site: &AttentionSite) -> CandleResult<Option<Tensor>> {
         self.timed(|h| h.select_keys(site))
+    }
+}
+
+/// Times a rewrite on the CPU workers (each call adds its own duration).
+struct TimedRewrite<'a> {
+    inner: Box<dyn HeadRowRewrite + 'a>,
+    spent_nanos: &'a AtomicU64,
+}
+
+impl TimedRewrite<'_> {
+    fn timed(&self, f: impl FnOnce()) {
+        let start = Instant::now();
+        f();
+        self.spent_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+impl HeadRowRewrite for TimedRewrite<'_> {
+    fn scores(&self, head: usize, scores: &mut [f32]) {
+        self.timed(|| self.inner.scores(head, scores))
+    }
+    fn probs(&self, head: usize, probs: &mut [f32]) {
+        self.timed(|| self.inner.probs(head, probs))
     }
 }
