@@ -344,7 +344,14 @@ impl QuantMatrix {
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GROUP), |groups| {
             let mut batch_out = [[0f32; GROUP]; BATCH];
             let mut single_out = [[0f32; GROUP]; 1];
+            #[cfg(target_arch = "x86_64")]
+            let mut unpacked = x86::avx512_lanes::UnpackedGroup::default();
             for g in groups {
+                #[cfg(target_arch = "x86_64")]
+                if !lane_acts.is_empty() {
+                    // SAFETY: lane batches exist only for `Kernel::Avx512Vnni`.
+                    unsafe { self.unpack_group(g, &mut unpacked) };
+                }
                 #[cfg(target_arch = "x86_64")]
                 for (c, a) in lane_acts.iter().enumerate() {
                     let out = x86::avx512_lanes::LanesOut {
@@ -356,9 +363,10 @@ impl QuantMatrix {
                         rows: GROUP.min(n - g * GROUP),
                         acts: x86::avx512_lanes::LANES.min(m - c * x86::avx512_lanes::LANES),
                     };
-                    // SAFETY: as for `write`: this chunk alone writes group g's columns, and
-                    // `out` spans the 16 rows' values of them.
-                    unsafe { self.dot_group_lanes(g, a, out) };
+                    // SAFETY: `Kernel::Avx512Vnni` means AVX-512 F and VNNI; `a` has a lane
+                    // block per block of a row; as for `write`, this chunk alone writes group
+                    // g's columns, and `out` spans the batch's values of them.
+                    unsafe { x86::avx512_lanes::dot_lanes(&unpacked, a, out) };
                 }
                 for (c, a) in acts[..(full - lane_rows) * per_row]
                     .chunks_exact(BATCH * per_row)
@@ -378,26 +386,19 @@ impl QuantMatrix {
         });
     }
 
-    /// Row group `g`'s 8 rows · 16 activation rows on AVX-512 lanes, into `out`.
+    /// Unpacks row group `g` for the AVX-512 lanes.
     ///
     /// # Safety
-    /// Only for `Kernel::Avx512Vnni`; `a` has a lane block per block of a row and `out` can
-    /// take the 16 rows' values.
+    /// The CPU has AVX2 and F16C (every SIMD kernel's CPU has).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_group_lanes(
-        &self,
-        g: usize,
-        a: &[x86::avx512_lanes::LaneBlock],
-        out: x86::avx512_lanes::LanesOut,
-    ) {
-        use x86::avx512_lanes::{dot_byte_lanes, dot_nibble_lanes};
+    unsafe fn unpack_group(&self, g: usize, into: &mut x86::avx512_lanes::UnpackedGroup) {
+        use x86::avx512_lanes::{unpack_bytes, unpack_nibbles};
         let slots = self.slot_range(g..g + 1);
-        // SAFETY: `Kernel::Avx512Vnni` means the CPU has AVX-512 F and VNNI; the rest is the
-        // caller's promise.
+        // SAFETY: the caller's promise.
         unsafe {
             match self.groups.as_ref() {
-                Groups::Nibbles(w) => dot_nibble_lanes(&w[slots], a, out),
-                Groups::Bytes(w) => dot_byte_lanes(&w[slots], a, out),
+                Groups::Nibbles(w) => unpack_nibbles(&w[slots], into),
+                Groups::Bytes(w) => unpack_bytes(&w[slots], into),
             }
         }
     }

@@ -247,6 +247,7 @@ pub mod avx512_lanes {
 
     /// Unpacked unsigned weight bytes of one group block: `pairs[p][h]` = values 16h..16h+16
     /// of row p (bytes 0..16) then of row p + 4 (bytes 16..32).
+    #[derive(Clone, Copy)]
     #[repr(C, align(64))]
     struct Unpacked {
         pairs: [[[u8; 32]; 2]; 4],
@@ -264,6 +265,76 @@ pub mod avx512_lanes {
         }
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_f16(p: &[half::f16; GROUP]) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr() as *const __m128i))
+    }
+
+    /// A row group's blocks unpacked once for every batch of 16 activation rows (a prompt's
+    /// rows come in many batches).
+    #[derive(Default)]
+    pub struct UnpackedGroup {
+        blocks: Vec<Unpacked>,
+        /// Q8_0 weights, taken as w + 128: 128·Σa comes off each block's sum.
+        offset: bool,
+    }
+
+    impl UnpackedGroup {
+        /// Room for `n` blocks (kept across groups of the same matrix).
+        fn blocks(&mut self, n: usize) -> &mut [Unpacked] {
+            let empty = Unpacked {
+                pairs: [[[0; 32]; 2]; 4],
+                d: [0.0; GROUP],
+                m: [0.0; GROUP],
+            };
+            self.blocks.resize(n, empty);
+            &mut self.blocks
+        }
+    }
+
+    /// Unpacks a Q4_0/Q4_1 row group (`w`: one group per block) into `into`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack_nibbles(w: &[NibbleGroup], into: &mut UnpackedGroup) {
+        let mask = _mm256_set1_epi8(0x0F);
+        into.offset = false;
+        for (g, u) in w.iter().zip(into.blocks(w.len())) {
+            for p in 0..4 {
+                let packed = _mm256_loadu_si256(g.qs[p].as_ptr() as *const __m256i);
+                let lo = _mm256_and_si256(packed, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                _mm256_store_si256(u.pairs[p][0].as_mut_ptr() as *mut __m256i, lo);
+                _mm256_store_si256(u.pairs[p][1].as_mut_ptr() as *mut __m256i, hi);
+            }
+            _mm256_store_ps(u.d.as_mut_ptr(), load_f16(&g.d));
+            _mm256_store_ps(u.m.as_mut_ptr(), load_f16(&g.m));
+        }
+    }
+
+    /// Unpacks a Q8_0 row group into `into`: weights as unsigned bytes w + 128, no m.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack_bytes(w: &[ByteGroup], into: &mut UnpackedGroup) {
+        let flip = _mm256_set1_epi8(-128);
+        into.offset = true;
+        for (g, u) in w.iter().zip(into.blocks(w.len())) {
+            for p in 0..4 {
+                for (h, half) in [&g.lo[p], &g.hi[p]].into_iter().enumerate() {
+                    let signed = _mm256_loadu_si256(half.as_ptr() as *const __m256i);
+                    let unsigned = _mm256_xor_si256(signed, flip);
+                    _mm256_store_si256(u.pairs[p][h].as_mut_ptr() as *mut __m256i, unsigned);
+                }
+            }
+            _mm256_store_ps(u.d.as_mut_ptr(), load_f16(&g.d));
+            _mm256_store_ps(u.m.as_mut_ptr(), _mm256_setzero_ps());
+        }
+    }
+
     /// Where a group's results go: activation row j's value for weight row r at
     /// `at + j·stride + r`, for the group's first `rows` weight rows and the first `acts`
     /// activation rows (the lanes past them are padding).
@@ -275,29 +346,17 @@ pub mod avx512_lanes {
         pub acts: usize,
     }
 
-    /// Weight row r of the group · activation row j into `out`, from per-block integer sums
-    /// `ints(unpacked, r, acts)` (exact; `acts` are the 16 rows' 4-byte groups).
+    /// The unpacked group's 8 weight rows · 16 activation rows into `out`, from exact
+    /// per-block integer sums (each weight row's 4-byte groups broadcast against the 16 rows'
+    /// 4-byte groups).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI; `a` has a lane block per unpacked block; `out` can take
+    /// `out.acts` activation rows of `out.rows` values.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
-    #[inline]
-    unsafe fn lanes_kernel(
-        n: usize,
-        mut unpack: impl FnMut(usize, &mut Unpacked),
-        a: &[LaneBlock],
-        fix: impl Fn(__m512i, &LaneBlock) -> __m512i,
-        out: LanesOut,
-    ) {
-        let mut unpacked = Unpacked {
-            pairs: [[[0; 32]; 2]; 4],
-            d: [0.0; GROUP],
-            m: [0.0; GROUP],
-        };
+    pub unsafe fn dot_lanes(group: &UnpackedGroup, a: &[LaneBlock], out: LanesOut) {
         let mut acc = [_mm512_setzero_ps(); GROUP];
-        for b in 0..n {
-            unpack(b, &mut unpacked);
-            // Through memory on purpose: broadcasts from memory use the load ports, where the
-            // compiler's register shuffles would queue on the one shuffle port.
-            std::hint::black_box(&mut unpacked);
-            let ab = a.get_unchecked(b);
+        for (unpacked, ab) in group.blocks.iter().zip(a) {
             let acts: [__m512i; 8] =
                 std::array::from_fn(|k| _mm512_load_si512(ab.q[k].as_ptr() as *const _));
             let d_a = _mm512_load_ps(ab.d.as_ptr());
@@ -305,10 +364,15 @@ pub mod avx512_lanes {
             for (r, acc) in acc.iter_mut().enumerate() {
                 let mut ints = _mm512_setzero_si512();
                 for (k, &act) in acts.iter().enumerate() {
+                    // Broadcast from memory: the load ports take it, where register shuffles
+                    // would queue on the one shuffle port.
                     let w = _mm512_set1_epi32(unpacked.word(r, k));
                     ints = _mm512_dpbusd_epi32(ints, w, act);
                 }
-                let ints = fix(ints, ab);
+                if group.offset {
+                    ints =
+                        _mm512_sub_epi32(ints, _mm512_load_si512(ab.offset.as_ptr() as *const _));
+                }
                 let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.d[r]), d_a);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
                 *acc = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, *acc);
@@ -372,60 +436,6 @@ pub mod avx512_lanes {
                 }
             }
         }
-    }
-
-    /// The 8 rows of a Q4_0/Q4_1 group (`w`: one group per block) · 16 activation rows.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F and VNNI; `a` has `w.len()` blocks; `out` can take 16 activation
-    /// rows of `out.rows` values.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
-    pub unsafe fn dot_nibble_lanes(w: &[NibbleGroup], a: &[LaneBlock], out: LanesOut) {
-        let mask = _mm256_set1_epi8(0x0F);
-        let unpack = |b: usize, u: &mut Unpacked| {
-            let g = w.get_unchecked(b);
-            for p in 0..4 {
-                let packed = _mm256_loadu_si256(g.qs[p].as_ptr() as *const __m256i);
-                let lo = _mm256_and_si256(packed, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-                _mm256_store_si256(u.pairs[p][0].as_mut_ptr() as *mut __m256i, lo);
-                _mm256_store_si256(u.pairs[p][1].as_mut_ptr() as *mut __m256i, hi);
-            }
-            let half = |v: &[half::f16; GROUP]| {
-                _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i))
-            };
-            _mm256_store_ps(u.d.as_mut_ptr(), half(&g.d));
-            _mm256_store_ps(u.m.as_mut_ptr(), half(&g.m));
-        };
-        lanes_kernel(w.len(), unpack, a, |ints, _| ints, out)
-    }
-
-    /// As [`dot_nibble_lanes`], for Q8_0 groups: weights taken as unsigned bytes w + 128, then
-    /// 128·Σa subtracted per block.
-    ///
-    /// # Safety
-    /// As [`dot_nibble_lanes`].
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
-    pub unsafe fn dot_byte_lanes(w: &[ByteGroup], a: &[LaneBlock], out: LanesOut) {
-        let flip = _mm256_set1_epi8(-128);
-        let unpack = |b: usize, u: &mut Unpacked| {
-            let g = w.get_unchecked(b);
-            for p in 0..4 {
-                for (h, half) in [&g.lo[p], &g.hi[p]].into_iter().enumerate() {
-                    let signed = _mm256_loadu_si256(half.as_ptr() as *const __m256i);
-                    let unsigned = _mm256_xor_si256(signed, flip);
-                    _mm256_store_si256(u.pairs[p][h].as_mut_ptr() as *mut __m256i, unsigned);
-                }
-            }
-            _mm256_store_ps(
-                u.d.as_mut_ptr(),
-                _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr() as *const __m128i)),
-            );
-        };
-        let fix = |ints: __m512i, ab: &LaneBlock| {
-            _mm512_sub_epi32(ints, _mm512_load_si512(ab.offset.as_ptr() as *const _))
-        };
-        lanes_kernel(w.len(), unpack, a, fix, out)
     }
 }
 
