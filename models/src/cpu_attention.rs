@@ -8,7 +8,20 @@
 use crate::exp::exp;
 #[cfg(target_arch = "x86_64")]
 use crate::exp::has_avx2_fma;
+
+/// Whether the AVX2 lanes of attention can run (they also convert f16 cache values).
+#[cfg(target_arch = "x86_64")]
+fn has_simd() -> bool {
+    has_avx2_fma() && std::is_x86_feature_detected!("f16c")
+}
 use crate::hooks::HeadRowRewrite;
+
+/// A KV cache buffer's values, in the cache's storage type.
+#[derive(Clone, Copy)]
+pub(crate) enum KvValues<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
 
 /// One query row's attention inputs (a decode step's row or a prompt row); K and V are whole
 /// cache buffers (kv_heads, capacity, head_dim) of which the first `key_len` rows per head are
@@ -16,8 +29,8 @@ use crate::hooks::HeadRowRewrite;
 pub(crate) struct QueryRow<'a> {
     /// (heads, head_dim), RoPE applied.
     pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvValues<'a>,
+    pub v: KvValues<'a>,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -45,17 +58,25 @@ impl QueryRow<'_> {
         }
     }
 
-    fn row<'b>(&self, buffer: &'b [f32], kv_head: usize, position: usize) -> &'b [f32] {
+    fn row<'b, T>(&self, buffer: &'b [T], kv_head: usize, position: usize) -> &'b [T] {
         let start = (kv_head * self.capacity + position) * self.head_dim;
         &buffer[start..start + self.head_dim]
     }
 
     #[inline(always)]
     fn head_scores<L: Lanes>(&self, h: usize, row: &mut [f32]) {
+        match self.k {
+            KvValues::F32(k) => self.head_scores_of::<L, f32>(k, h, row),
+            KvValues::F16(k) => self.head_scores_of::<L, half::f16>(k, h, row),
+        }
+    }
+
+    #[inline(always)]
+    fn head_scores_of<L: Lanes, T: KvValue>(&self, k: &[T], h: usize, row: &mut [f32]) {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let q = &self.q[h * self.head_dim..(h + 1) * self.head_dim];
         let kv_head = h / (self.heads / self.kv_heads);
-        let key = |j: usize| self.row(self.k, kv_head, self.key_position(kv_head, j));
+        let key = |j: usize| self.row(k, kv_head, self.key_position(kv_head, j));
         // Four keys at a time: independent accumulators keep the adders busy; each key's sum is
         // formed exactly as a lone key's would be.
         let whole = row.len() / 4 * 4;
@@ -74,9 +95,14 @@ impl QueryRow<'_> {
     #[inline(always)]
     fn head_values<L: Lanes>(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
         let kv_head = h / (self.heads / self.kv_heads);
-        L::add_weighted(acc, probs, |j| {
-            self.row(self.v, kv_head, self.key_position(kv_head, j))
-        });
+        match self.v {
+            KvValues::F32(v) => L::add_weighted(acc, probs, |j| {
+                self.row(v, kv_head, self.key_position(kv_head, j))
+            }),
+            KvValues::F16(v) => L::add_weighted(acc, probs, |j| {
+                self.row(v, kv_head, self.key_position(kv_head, j))
+            }),
+        }
     }
 
     /// Scores, softmax (after hiding keys more than `window` positions back) and weighted
@@ -111,19 +137,19 @@ impl QueryRow<'_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn head_scores_avx2(&self, h: usize, row: &mut [f32]) {
         self.head_scores::<Avx2>(h, row)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn head_values_avx2(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
         self.head_values::<Avx2>(h, probs, acc)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn attend_head_avx2(
         &self,
         h: usize,
@@ -143,7 +169,7 @@ pub(crate) fn attend_all(queries: &[QueryRow<'_>], window: Option<usize>, out: &
     per_row_and_head(queries, out, |query, _, h, acc| {
         SCRATCH.with_borrow_mut(|scores| {
             #[cfg(target_arch = "x86_64")]
-            if has_avx2_fma() {
+            if has_simd() {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { query.attend_head_avx2(h, window, scores, acc) };
             }
@@ -247,7 +273,7 @@ thread_local! {
 /// Scaled scores q·k / √head_dim of head `h` of `query` for each key it sees, into `row`.
 fn score_keys(query: &QueryRow<'_>, h: usize, row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if has_simd() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { query.head_scores_avx2(h, row) };
     }
@@ -258,7 +284,7 @@ fn score_keys(query: &QueryRow<'_>, h: usize, row: &mut [f32]) {
 fn weigh_values(query: &QueryRow<'_>, h: usize, probs: &[f32], acc: &mut [f32]) {
     acc.fill(0.0);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if has_simd() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { query.head_values_avx2(h, probs, acc) };
     }
@@ -281,16 +307,57 @@ fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + 
     });
 }
 
+/// A value type of the KV cache: f32, or f16 (converted exactly to f32 before any arithmetic).
+pub(crate) trait KvValue: Copy + Sync + 'static {
+    fn to_f32(self) -> f32;
+
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; eight values are readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's promise.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvValue for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
 /// Attention's per-key arithmetic, by instruction set; every implementation gives the same
 /// floats, so a result does not depend on the CPU or on which path computed it.
 trait Lanes {
     /// `q` · each of four keys: per key, eight lanes of running sums of `q[i]·k[i]` (fused
     /// multiply-adds), combined as ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)), plus the products past the
     /// last whole eight.
-    fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4];
+    fn dot4<T: KvValue>(q: &[f32], keys: [&[T]; 4]) -> [f32; 4];
 
     /// `acc[i] += probs[j] · row(j)[i]` for j in order (fused multiply-adds).
-    fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]);
+    fn add_weighted<'r, T: KvValue>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [T]);
 
     /// Softmax of `row` in place: [`crate::exp::exp`] of each value less the row's maximum,
     /// summed in eight lanes (value j in lane j mod 8) combined as in [`Self::dot4`], then each
@@ -304,30 +371,34 @@ struct Portable;
 
 impl Lanes for Portable {
     #[inline(always)]
-    fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4] {
+    fn dot4<T: KvValue>(q: &[f32], keys: [&[T]; 4]) -> [f32; 4] {
         let mut lanes = [[0f32; 8]; 4];
         let whole = q.len() / 8 * 8;
         for c in (0..whole).step_by(8) {
             let qc: &[f32; 8] = q[c..c + 8].try_into().expect("eight values");
             for (lane, key) in lanes.iter_mut().zip(&keys) {
-                let kc: &[f32; 8] = key[c..c + 8].try_into().expect("eight values");
+                let kc: &[T; 8] = key[c..c + 8].try_into().expect("eight values");
                 for i in 0..8 {
-                    lane[i] = qc[i].mul_add(kc[i], lane[i]);
+                    lane[i] = qc[i].mul_add(kc[i].to_f32(), lane[i]);
                 }
             }
         }
         std::array::from_fn(|k| {
             let l = &lanes[k];
-            let tail = (whole..q.len()).fold(0f32, |t, i| q[i].mul_add(keys[k][i], t));
+            let tail = (whole..q.len()).fold(0f32, |t, i| q[i].mul_add(keys[k][i].to_f32(), t));
             sum_lanes(*l) + tail
         })
     }
 
     #[inline(always)]
-    fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]) {
+    fn add_weighted<'r, T: KvValue>(
+        acc: &mut [f32],
+        probs: &[f32],
+        row: impl Fn(usize) -> &'r [T],
+    ) {
         for (j, &p) in probs.iter().enumerate() {
             for (a, x) in acc.iter_mut().zip(row(j)) {
-                *a = p.mul_add(*x, *a);
+                *a = p.mul_add(x.to_f32(), *a);
             }
         }
     }
@@ -355,7 +426,7 @@ struct Avx2;
 #[cfg(target_arch = "x86_64")]
 impl Lanes for Avx2 {
     #[inline(always)]
-    fn dot4(q: &[f32], keys: [&[f32]; 4]) -> [f32; 4] {
+    fn dot4<T: KvValue>(q: &[f32], keys: [&[T]; 4]) -> [f32; 4] {
         use std::arch::x86_64::*;
         assert!(keys.iter().all(|k| k.len() == q.len()));
         let whole = q.len() / 8 * 8;
@@ -365,7 +436,7 @@ impl Lanes for Avx2 {
             for c in (0..whole).step_by(8) {
                 let qc = _mm256_loadu_ps(q.as_ptr().add(c));
                 for (lane, key) in lanes.iter_mut().zip(&keys) {
-                    *lane = _mm256_fmadd_ps(qc, _mm256_loadu_ps(key.as_ptr().add(c)), *lane);
+                    *lane = _mm256_fmadd_ps(qc, T::load8(key.as_ptr().add(c)), *lane);
                 }
             }
             // Plain loops, not closures: a closure's body would not get AVX2 inlined into it.
@@ -373,7 +444,7 @@ impl Lanes for Avx2 {
             for (k, (dot, l)) in dots.iter_mut().zip(lanes).enumerate() {
                 let mut tail = 0f32;
                 for i in whole..q.len() {
-                    tail = q[i].mul_add(keys[k][i], tail);
+                    tail = q[i].mul_add(keys[k][i].to_f32(), tail);
                 }
                 *dot = sum_lanes_avx2(l) + tail;
             }
@@ -382,7 +453,11 @@ impl Lanes for Avx2 {
     }
 
     #[inline(always)]
-    fn add_weighted<'r>(acc: &mut [f32], probs: &[f32], row: impl Fn(usize) -> &'r [f32]) {
+    fn add_weighted<'r, T: KvValue>(
+        acc: &mut [f32],
+        probs: &[f32],
+        row: impl Fn(usize) -> &'r [T],
+    ) {
         use std::arch::x86_64::*;
         const WIDTH: usize = 64;
         if !acc.len().is_multiple_of(WIDTH) {
@@ -403,7 +478,7 @@ impl Lanes for Avx2 {
                     assert_eq!(values.len(), len);
                     let p = _mm256_set1_ps(p);
                     for (r, sum) in sums.iter_mut().enumerate() {
-                        let v = _mm256_loadu_ps(values.as_ptr().add(c * WIDTH + 8 * r));
+                        let v = T::load8(values.as_ptr().add(c * WIDTH + 8 * r));
                         *sum = _mm256_fmadd_ps(p, v, *sum);
                     }
                 }
@@ -504,7 +579,7 @@ mod tests {
 
     #[test]
     fn avx2_lanes_give_the_portable_floats() {
-        if !has_avx2_fma() {
+        if !has_simd() {
             return;
         }
         let mut rng = SeededRng::new(3);
@@ -521,6 +596,38 @@ mod tests {
             Avx2::add_weighted(&mut simd, &probs, |j| &rows[j]);
             Portable::add_weighted(&mut portable, &probs, |j| &rows[j]);
             assert_eq!(simd, portable, "dim {dim}");
+            // An f16 cache: the same floats as its values converted to f32 first.
+            let half = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x))
+                    .collect::<Vec<_>>()
+            };
+            let widened = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+            let keys16: Vec<Vec<half::f16>> = keys.iter().map(|k| half(k)).collect();
+            let keys16 = [
+                &keys16[0][..],
+                &keys16[1][..],
+                &keys16[2][..],
+                &keys16[3][..],
+            ];
+            let keys32: Vec<Vec<f32>> = keys16.iter().map(|k| widened(k)).collect();
+            let keys32 = [
+                &keys32[0][..],
+                &keys32[1][..],
+                &keys32[2][..],
+                &keys32[3][..],
+            ];
+            assert_eq!(
+                Avx2::dot4(&q, keys16),
+                Portable::dot4(&q, keys32),
+                "f16 dim {dim}"
+            );
+            let rows16: Vec<Vec<half::f16>> = rows.iter().map(|r| half(r)).collect();
+            let rows32: Vec<Vec<f32>> = rows16.iter().map(|r| widened(r)).collect();
+            let (mut simd, mut portable) = (vec![0f32; dim], vec![0f32; dim]);
+            Avx2::add_weighted(&mut simd, &probs, |j| &rows16[j]);
+            Portable::add_weighted(&mut portable, &probs, |j| &rows32[j]);
+            assert_eq!(simd, portable, "f16 dim {dim}");
         }
         for len in [1, 7, 8, 13, 64, 231] {
             let mut portable: Vec<f32> = values(len).iter().map(|x| 30.0 * x).collect();

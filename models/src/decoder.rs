@@ -7,13 +7,13 @@
 //! padding masks are needed and each sequence's hooks see only its own rows.
 
 use crate::arch::DecoderConfig;
-use crate::cpu_attention::{self, QueryRow};
+use crate::cpu_attention::{self, KvValues, QueryRow};
 use crate::embedding::Embedding;
 use crate::hooks::{
     AttentionRows, AttentionSite, HeadRowRewrite, HookPoint, RowSite, SequenceHooks,
 };
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{Linear, Weight};
 use crate::rope::{Rope, RopeTables};
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
@@ -220,7 +220,22 @@ impl Decoder {
 
     /// A fresh, empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.cfg, self.dtype(), &self.device)
+        KvCache::new(&self.cfg, self.dtype(), self.kv_storage(), &self.device)
+    }
+
+    /// What the KV cache stores: f16 for a model on our quantized CPU kernels (its int8
+    /// activations already round far more than f16 does; batched decode reads half the
+    /// bytes), the model's dtype otherwise (f32 models keep exact parity).
+    pub fn kv_storage(&self) -> DType {
+        let quantized = self
+            .layers
+            .first()
+            .is_some_and(|l| matches!(l.k.weight(), Weight::Quant(_)));
+        if self.device.is_cpu() && self.dtype() == DType::F32 && quantized {
+            DType::F16
+        } else {
+            self.dtype()
+        }
     }
 
     /// Token embeddings, (len, hidden).
@@ -490,8 +505,8 @@ impl Decoder {
             chosen.iter().zip(&storages)
         {
             let cache = (
-                cpu_f32(k_storage, k_layout)?,
-                cpu_f32(v_storage, v_layout)?,
+                cpu_kv(k_storage, k_layout)?,
+                cpu_kv(v_storage, v_layout)?,
                 *capacity,
             );
             let rows = q_rows.by_ref().take(spans[i].len);
@@ -572,7 +587,7 @@ impl Decoder {
     fn row_queries<'a>(
         &self,
         rows: impl Iterator<Item = &'a [f32]>,
-        (k, v, capacity): (&'a [f32], &'a [f32], usize),
+        (k, v, capacity): (KvValues<'a>, KvValues<'a>, usize),
         keys: Option<&'a [u32]>,
         query_start: usize,
     ) -> Vec<QueryRow<'a>> {
@@ -630,7 +645,10 @@ impl Decoder {
                     .unsqueeze(2)?
                     .expand((kv_heads, idx.dim(1)?, head_dim))?
                     .contiguous()?;
-                (k_buf.gather(&idx, 1)?, v_buf.gather(&idx, 1)?)
+                (
+                    k_buf.gather(&idx, 1)?.to_dtype(q.dtype())?,
+                    v_buf.gather(&idx, 1)?.to_dtype(q.dtype())?,
+                )
             }
             None => (k.clone(), v.clone()),
         };
@@ -691,10 +709,7 @@ impl Decoder {
             .ok_or_else(|| candle_core::Error::msg("attention before any cache write"))?;
         let (k_storage, k_layout) = k_buf.storage_and_layout();
         let (v_storage, v_layout) = v_buf.storage_and_layout();
-        let (k, v) = (
-            cpu_f32(&k_storage, k_layout)?,
-            cpu_f32(&v_storage, v_layout)?,
-        );
+        let (k, v) = (cpu_kv(&k_storage, k_layout)?, cpu_kv(&v_storage, v_layout)?);
         let queries = self.row_queries(
             q_rows.chunks_exact(width),
             (k, v, k_buf.dim(1)?),
@@ -901,13 +916,14 @@ impl<'a> HostRows<'a> {
     }
 }
 
-/// The f32 data of a contiguous CPU tensor's storage.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
-        candle_core::bail!("expected an f32 CPU tensor");
-    };
+/// The values of a contiguous f32 or f16 CPU tensor (a KV cache buffer).
+fn cpu_kv<'a>(storage: &'a Storage, layout: &Layout) -> Result<KvValues<'a>> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::msg("expected a contiguous tensor"))?;
-    Ok(&data[start..end])
+    Ok(match storage {
+        Storage::Cpu(CpuStorage::F32(data)) => KvValues::F32(&data[start..end]),
+        Storage::Cpu(CpuStorage::F16(data)) => KvValues::F16(&data[start..end]),
+        _ => candle_core::bail!("expected an f32 or f16 CPU tensor"),
+    })
 }

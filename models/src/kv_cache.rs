@@ -1,5 +1,7 @@
 //! Per-sequence KV cache: one preallocated buffer per layer that grows by doubling, so a
-//! generation never re-copies its whole history on every step.
+//! generation never re-copies its whole history on every step. Values may be stored in a
+//! narrower type than the model computes in (f16 for quantized models, as llama.cpp does:
+//! half the memory, and half the bytes a batched decode step reads).
 
 use crate::arch::DecoderConfig;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor};
@@ -21,12 +23,16 @@ pub struct KvCache {
     capacity: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// What attention computes in (the model's dtype).
     dtype: DType,
+    /// What the buffers hold.
+    storage: DType,
     device: Device,
 }
 
 impl KvCache {
-    pub fn new(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Self {
+    /// A cache for a model computing in `dtype` whose buffers hold `storage` values.
+    pub fn new(cfg: &DecoderConfig, dtype: DType, storage: DType, device: &Device) -> Self {
         Self {
             layers: (0..cfg.num_layers).map(|_| None).collect(),
             len: 0,
@@ -34,6 +40,7 @@ impl KvCache {
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             dtype,
+            storage,
             device: device.clone(),
         }
     }
@@ -73,13 +80,13 @@ impl KvCache {
     /// Bytes held by the buffers (allocated capacity, not just the used part).
     pub fn bytes(&self) -> usize {
         let per_layer =
-            2 * self.kv_heads * self.capacity * self.head_dim * self.dtype.size_in_bytes();
+            2 * self.kv_heads * self.capacity * self.head_dim * self.storage.size_in_bytes();
         per_layer * self.layers.iter().filter(|l| l.is_some()).count()
     }
 
     /// Writes `k`, `v` (kv_heads, t, head_dim) after the cached positions of `layer` and returns
-    /// views of everything cached for that layer including them. Call [`Self::advance`] once all
-    /// layers have been written.
+    /// everything cached for that layer including them, in the model's dtype (views when the
+    /// storage is that dtype). Call [`Self::advance`] once all layers have been written.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -88,14 +95,22 @@ impl KvCache {
     ) -> Result<(Tensor, Tensor)> {
         let start = self.len;
         let needed = start + k.dim(1)?;
+        let (storage, dtype) = (self.storage, self.dtype);
         let entry = self.reserve(layer, needed)?;
-        entry.k.slice_set(&k.contiguous()?, 1, start)?;
-        entry.v.slice_set(&v.contiguous()?, 1, start)?;
-        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
+        entry
+            .k
+            .slice_set(&k.to_dtype(storage)?.contiguous()?, 1, start)?;
+        entry
+            .v
+            .slice_set(&v.to_dtype(storage)?.contiguous()?, 1, start)?;
+        Ok((
+            entry.k.narrow(1, 0, needed)?.to_dtype(dtype)?,
+            entry.v.narrow(1, 0, needed)?.to_dtype(dtype)?,
+        ))
     }
 
     /// [`Self::append`] of positions given as f32 rows (kv_heads × head_dim each, one per
-    /// position), written straight into the buffers of an f32 CPU cache.
+    /// position), written straight into the buffers of a CPU cache (f32 or f16).
     pub(crate) fn append_rows(&mut self, layer: usize, k: &[&[f32]], v: &[&[f32]]) -> Result<()> {
         let start = self.len;
         let entry = self.reserve(layer, start + k.len())?;
@@ -115,15 +130,16 @@ impl KvCache {
             slot => {
                 let shape = (self.kv_heads, self.capacity, self.head_dim);
                 slot.insert(LayerKv {
-                    k: Tensor::zeros(shape, self.dtype, &self.device)?,
-                    v: Tensor::zeros(shape, self.dtype, &self.device)?,
+                    k: Tensor::zeros(shape, self.storage, &self.device)?,
+                    v: Tensor::zeros(shape, self.storage, &self.device)?,
                 })
             }
         })
     }
 
-    /// The whole contiguous buffers of `layer`, (kv_heads, capacity, head_dim): for gathers,
-    /// which need contiguous input. Only rows below the cached length are meaningful.
+    /// The whole contiguous buffers of `layer`, (kv_heads, capacity, head_dim), in the storage
+    /// type: for gathers, which need contiguous input, and for reading on the host. Only rows
+    /// below the cached length are meaningful.
     pub(crate) fn buffers(&self, layer: usize) -> Option<(Tensor, Tensor)> {
         self.layers[layer]
             .as_ref()
@@ -138,7 +154,7 @@ impl KvCache {
         let shape = (self.kv_heads, capacity, self.head_dim);
         for entry in self.layers.iter_mut().flatten() {
             for buf in [&mut entry.k, &mut entry.v] {
-                let bigger = Tensor::zeros(shape, self.dtype, &self.device)?;
+                let bigger = Tensor::zeros(shape, self.storage, &self.device)?;
                 if self.len > 0 {
                     bigger.slice_set(&buf.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
                 }
@@ -150,11 +166,29 @@ impl KvCache {
     }
 }
 
-/// Writes positions `start..` (`rows`: kv_heads × head_dim each) into an f32 CPU buffer
+/// Writes positions `start..` (`rows`: kv_heads × head_dim each) into an f32 or f16 CPU buffer
 /// (kv_heads, capacity, head_dim).
 struct WriteRows<'a> {
     start: usize,
     rows: &'a [&'a [f32]],
+}
+
+impl WriteRows<'_> {
+    /// Each row's heads into their places in `data`, through `put`.
+    fn write<T>(
+        &self,
+        data: &mut [T],
+        capacity: usize,
+        head_dim: usize,
+        put: impl Fn(&mut [T], &[f32]),
+    ) {
+        for (position, row) in (self.start..).zip(self.rows) {
+            for (head, values) in row.chunks_exact(head_dim).enumerate() {
+                let at = (head * capacity + position) * head_dim;
+                put(&mut data[at..at + head_dim], values);
+            }
+        }
+    }
 }
 
 impl InplaceOp1 for WriteRows<'_> {
@@ -163,21 +197,26 @@ impl InplaceOp1 for WriteRows<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (CpuStorage::F32(data), Some((0, _)), &[kv_heads, capacity, head_dim]) =
-            (storage, layout.contiguous_offsets(), layout.shape().dims())
+        let (Some((0, _)), &[kv_heads, capacity, head_dim]) =
+            (layout.contiguous_offsets(), layout.shape().dims())
         else {
-            candle_core::bail!("a row write needs a whole contiguous f32 cache buffer");
+            candle_core::bail!("a row write needs a whole contiguous cache buffer");
         };
         if self.start + self.rows.len() > capacity
             || self.rows.iter().any(|r| r.len() != kv_heads * head_dim)
         {
             candle_core::bail!("a row write outside the cache buffer");
         }
-        for (position, row) in (self.start..).zip(self.rows) {
-            for (head, values) in row.chunks_exact(head_dim).enumerate() {
-                let at = (head * capacity + position) * head_dim;
-                data[at..at + head_dim].copy_from_slice(values);
-            }
+        match storage {
+            CpuStorage::F32(data) => self.write(data, capacity, head_dim, |out, values| {
+                out.copy_from_slice(values)
+            }),
+            CpuStorage::F16(data) => self.write(data, capacity, head_dim, |out, values| {
+                for (o, &v) in out.iter_mut().zip(values) {
+                    *o = half::f16::from_f32(v);
+                }
+            }),
+            _ => candle_core::bail!("a row write needs an f32 or f16 cache buffer"),
         }
         Ok(())
     }

@@ -348,11 +348,6 @@ impl QuantMatrix {
             let mut unpacked = x86::avx512_lanes::UnpackedGroup::default();
             for g in groups {
                 #[cfg(target_arch = "x86_64")]
-                if !lane_acts.is_empty() {
-                    // SAFETY: lane batches exist only for `Kernel::Avx512Vnni`.
-                    unsafe { self.unpack_group(g, &mut unpacked) };
-                }
-                #[cfg(target_arch = "x86_64")]
                 for (c, a) in lane_acts.iter().enumerate() {
                     let out = x86::avx512_lanes::LanesOut {
                         // SAFETY: in bounds: activation row c·16 < m, weight row g·8 < n.
@@ -363,10 +358,12 @@ impl QuantMatrix {
                         rows: GROUP.min(n - g * GROUP),
                         acts: x86::avx512_lanes::LANES.min(m - c * x86::avx512_lanes::LANES),
                     };
+                    // The first batch unpacks the group's blocks as it goes, the rest reuse them.
+                    let source = (c == 0).then(|| self.group_blocks(g));
                     // SAFETY: `Kernel::Avx512Vnni` means AVX-512 F and VNNI; `a` has a lane
                     // block per block of a row; as for `write`, this chunk alone writes group
                     // g's columns, and `out` spans the batch's values of them.
-                    unsafe { x86::avx512_lanes::dot_lanes(&unpacked, a, out) };
+                    unsafe { x86::avx512_lanes::dot_lanes(&mut unpacked, source, a, out) };
                 }
                 for (c, a) in acts[..(full - lane_rows) * per_row]
                     .chunks_exact(BATCH * per_row)
@@ -386,20 +383,14 @@ impl QuantMatrix {
         });
     }
 
-    /// Unpacks row group `g` for the AVX-512 lanes.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and F16C (every SIMD kernel's CPU has).
+    /// Row group `g`'s blocks as stored.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn unpack_group(&self, g: usize, into: &mut x86::avx512_lanes::UnpackedGroup) {
-        use x86::avx512_lanes::{unpack_bytes, unpack_nibbles};
+    fn group_blocks(&self, g: usize) -> x86::avx512_lanes::GroupBlocks<'_> {
+        use x86::avx512_lanes::GroupBlocks;
         let slots = self.slot_range(g..g + 1);
-        // SAFETY: the caller's promise.
-        unsafe {
-            match self.groups.as_ref() {
-                Groups::Nibbles(w) => unpack_nibbles(&w[slots], into),
-                Groups::Bytes(w) => unpack_bytes(&w[slots], into),
-            }
+        match self.groups.as_ref() {
+            Groups::Nibbles(w) => GroupBlocks::Nibbles(&w[slots]),
+            Groups::Bytes(w) => GroupBlocks::Bytes(&w[slots]),
         }
     }
 

@@ -282,57 +282,53 @@ pub mod avx512_lanes {
 
     impl UnpackedGroup {
         /// Room for `n` blocks (kept across groups of the same matrix).
-        fn blocks(&mut self, n: usize) -> &mut [Unpacked] {
+        fn blocks(&mut self, n: usize) {
             let empty = Unpacked {
                 pairs: [[[0; 32]; 2]; 4],
                 d: [0.0; GROUP],
                 m: [0.0; GROUP],
             };
             self.blocks.resize(n, empty);
-            &mut self.blocks
         }
     }
 
-    /// Unpacks a Q4_0/Q4_1 row group (`w`: one group per block) into `into`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and F16C.
+    /// A row group's blocks as stored (one group per block).
+    #[derive(Clone, Copy)]
+    pub enum GroupBlocks<'a> {
+        /// Q4_0 / Q4_1.
+        Nibbles(&'a [NibbleGroup]),
+        /// Q8_0: taken as unsigned bytes w + 128, so 128·Σa comes off each block's sum.
+        Bytes(&'a [ByteGroup]),
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn unpack_nibbles(w: &[NibbleGroup], into: &mut UnpackedGroup) {
+    #[inline]
+    unsafe fn unpack_nibbles(g: &NibbleGroup, u: &mut Unpacked) {
         let mask = _mm256_set1_epi8(0x0F);
-        into.offset = false;
-        for (g, u) in w.iter().zip(into.blocks(w.len())) {
-            for p in 0..4 {
-                let packed = _mm256_loadu_si256(g.qs[p].as_ptr() as *const __m256i);
-                let lo = _mm256_and_si256(packed, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-                _mm256_store_si256(u.pairs[p][0].as_mut_ptr() as *mut __m256i, lo);
-                _mm256_store_si256(u.pairs[p][1].as_mut_ptr() as *mut __m256i, hi);
-            }
-            _mm256_store_ps(u.d.as_mut_ptr(), load_f16(&g.d));
-            _mm256_store_ps(u.m.as_mut_ptr(), load_f16(&g.m));
+        for p in 0..4 {
+            let packed = _mm256_loadu_si256(g.qs[p].as_ptr() as *const __m256i);
+            let lo = _mm256_and_si256(packed, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+            _mm256_store_si256(u.pairs[p][0].as_mut_ptr() as *mut __m256i, lo);
+            _mm256_store_si256(u.pairs[p][1].as_mut_ptr() as *mut __m256i, hi);
         }
+        _mm256_store_ps(u.d.as_mut_ptr(), load_f16(&g.d));
+        _mm256_store_ps(u.m.as_mut_ptr(), load_f16(&g.m));
     }
 
-    /// Unpacks a Q8_0 row group into `into`: weights as unsigned bytes w + 128, no m.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn unpack_bytes(w: &[ByteGroup], into: &mut UnpackedGroup) {
+    #[inline]
+    unsafe fn unpack_bytes(g: &ByteGroup, u: &mut Unpacked) {
         let flip = _mm256_set1_epi8(-128);
-        into.offset = true;
-        for (g, u) in w.iter().zip(into.blocks(w.len())) {
-            for p in 0..4 {
-                for (h, half) in [&g.lo[p], &g.hi[p]].into_iter().enumerate() {
-                    let signed = _mm256_loadu_si256(half.as_ptr() as *const __m256i);
-                    let unsigned = _mm256_xor_si256(signed, flip);
-                    _mm256_store_si256(u.pairs[p][h].as_mut_ptr() as *mut __m256i, unsigned);
-                }
+        for p in 0..4 {
+            for (h, half) in [&g.lo[p], &g.hi[p]].into_iter().enumerate() {
+                let signed = _mm256_loadu_si256(half.as_ptr() as *const __m256i);
+                let unsigned = _mm256_xor_si256(signed, flip);
+                _mm256_store_si256(u.pairs[p][h].as_mut_ptr() as *mut __m256i, unsigned);
             }
-            _mm256_store_ps(u.d.as_mut_ptr(), load_f16(&g.d));
-            _mm256_store_ps(u.m.as_mut_ptr(), _mm256_setzero_ps());
         }
+        _mm256_store_ps(u.d.as_mut_ptr(), load_f16(&g.d));
+        _mm256_store_ps(u.m.as_mut_ptr(), _mm256_setzero_ps());
     }
 
     /// Where a group's results go: activation row j's value for weight row r at
@@ -346,17 +342,37 @@ pub mod avx512_lanes {
         pub acts: usize,
     }
 
-    /// The unpacked group's 8 weight rows · 16 activation rows into `out`, from exact
-    /// per-block integer sums (each weight row's 4-byte groups broadcast against the 16 rows'
-    /// 4-byte groups).
+    /// A row group's 8 weight rows · 16 activation rows into `out`, from exact per-block
+    /// integer sums (each weight row's 4-byte groups broadcast against the 16 rows' 4-byte
+    /// groups). With `source`, each block is unpacked into `group` just before its use (the
+    /// first batch: reading the weights overlaps the arithmetic); without, `group` holds them
+    /// from an earlier batch.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and VNNI; `a` has a lane block per unpacked block; `out` can take
-    /// `out.acts` activation rows of `out.rows` values.
+    /// The CPU has AVX-512 F and VNNI; `a` has a lane block per block of the group; `out` can
+    /// take `out.acts` activation rows of `out.rows` values.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni")]
-    pub unsafe fn dot_lanes(group: &UnpackedGroup, a: &[LaneBlock], out: LanesOut) {
+    pub unsafe fn dot_lanes(
+        group: &mut UnpackedGroup,
+        source: Option<GroupBlocks<'_>>,
+        a: &[LaneBlock],
+        out: LanesOut,
+    ) {
+        if let Some(source) = source {
+            group.offset = matches!(source, GroupBlocks::Bytes(_));
+            group.blocks(a.len());
+        }
         let mut acc = [_mm512_setzero_ps(); GROUP];
-        for (unpacked, ab) in group.blocks.iter().zip(a) {
+        for (b, ab) in a.iter().enumerate() {
+            let unpacked = group.blocks.get_unchecked_mut(b);
+            match source {
+                Some(GroupBlocks::Nibbles(w)) => unpack_nibbles(w.get_unchecked(b), unpacked),
+                Some(GroupBlocks::Bytes(w)) => unpack_bytes(w.get_unchecked(b), unpacked),
+                None => {}
+            }
+            // Through memory on purpose: broadcasts from memory use the load ports, where the
+            // compiler's register shuffles would queue on the one shuffle port.
+            let unpacked = &*std::hint::black_box(unpacked);
             let acts: [__m512i; 8] =
                 std::array::from_fn(|k| _mm512_load_si512(ab.q[k].as_ptr() as *const _));
             let d_a = _mm512_load_ps(ab.d.as_ptr());
@@ -364,8 +380,6 @@ pub mod avx512_lanes {
             for (r, acc) in acc.iter_mut().enumerate() {
                 let mut ints = _mm512_setzero_si512();
                 for (k, &act) in acts.iter().enumerate() {
-                    // Broadcast from memory: the load ports take it, where register shuffles
-                    // would queue on the one shuffle port.
                     let w = _mm512_set1_epi32(unpacked.word(r, k));
                     ints = _mm512_dpbusd_epi32(ints, w, act);
                 }
