@@ -220,7 +220,7 @@ impl Decoder {
 
     /// A fresh, empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.cfg, self.dtype(), self.kv_storage(), &self.device)
+        KvCache::new(&self.cfg, self.kv_storage(), &self.device)
     }
 
     /// What the KV cache stores: f16 for a model on our quantized CPU kernels (its int8
@@ -650,7 +650,8 @@ impl Decoder {
                     v_buf.gather(&idx, 1)?.to_dtype(q.dtype())?,
                 )
             }
-            None => (k.clone(), v.clone()),
+            // The cache's storage type, widened for the products (a no-op for f32 caches).
+            None => (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?),
         };
         site.selected_keys = selection.as_ref();
         let attended = k.dim(1)?;

@@ -23,23 +23,20 @@ pub struct KvCache {
     capacity: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// What attention computes in (the model's dtype).
-    dtype: DType,
     /// What the buffers hold.
     storage: DType,
     device: Device,
 }
 
 impl KvCache {
-    /// A cache for a model computing in `dtype` whose buffers hold `storage` values.
-    pub fn new(cfg: &DecoderConfig, dtype: DType, storage: DType, device: &Device) -> Self {
+    /// A cache whose buffers hold `storage` values (see [`crate::Decoder::kv_storage`]).
+    pub fn new(cfg: &DecoderConfig, storage: DType, device: &Device) -> Self {
         Self {
             layers: (0..cfg.num_layers).map(|_| None).collect(),
             len: 0,
             capacity: 0,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
-            dtype,
             storage,
             device: device.clone(),
         }
@@ -85,8 +82,8 @@ impl KvCache {
     }
 
     /// Writes `k`, `v` (kv_heads, t, head_dim) after the cached positions of `layer` and returns
-    /// everything cached for that layer including them, in the model's dtype (views when the
-    /// storage is that dtype). Call [`Self::advance`] once all layers have been written.
+    /// views of everything cached for that layer including them, in the storage type. Call
+    /// [`Self::advance`] once all layers have been written.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -95,7 +92,7 @@ impl KvCache {
     ) -> Result<(Tensor, Tensor)> {
         let start = self.len;
         let needed = start + k.dim(1)?;
-        let (storage, dtype) = (self.storage, self.dtype);
+        let storage = self.storage;
         let entry = self.reserve(layer, needed)?;
         entry
             .k
@@ -103,10 +100,7 @@ impl KvCache {
         entry
             .v
             .slice_set(&v.to_dtype(storage)?.contiguous()?, 1, start)?;
-        Ok((
-            entry.k.narrow(1, 0, needed)?.to_dtype(dtype)?,
-            entry.v.narrow(1, 0, needed)?.to_dtype(dtype)?,
-        ))
+        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
     }
 
     /// [`Self::append`] of positions given as f32 rows (kv_heads × head_dim each, one per
@@ -212,9 +206,8 @@ impl InplaceOp1 for WriteRows<'_> {
                 out.copy_from_slice(values)
             }),
             CpuStorage::F16(data) => self.write(data, capacity, head_dim, |out, values| {
-                for (o, &v) in out.iter_mut().zip(values) {
-                    *o = half::f16::from_f32(v);
-                }
+                // Eight values per instruction where the CPU converts in hardware.
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, values)
             }),
             _ => candle_core::bail!("a row write needs an f32 or f16 cache buffer"),
         }

@@ -171,3 +171,51 @@ fn every_served_format_loads_and_computes_the_same_model() {
         );
     }
 }
+
+/// A model on our quantized kernels keeps its KV cache in f16; its attention paths read the
+/// same f16 values with the same arithmetic: the one-pass batch path, the per-sequence path (a
+/// hook on queries sends each layer there) and a prompt fed whole or token by token all give
+/// the same logits.
+#[test]
+fn quantized_models_cache_f16_and_every_attention_path_agrees() {
+    use attune_models::{AttentionSite, HookPoint, SequenceHooks};
+    use candle_core::DType;
+    struct SeeQueries;
+    impl SequenceHooks for SeeQueries {
+        fn wants(&self, point: HookPoint, _: usize) -> bool {
+            point == HookPoint::Queries
+        }
+        fn queries(&mut self, _: &AttentionSite, _: &Tensor) -> candle_core::Result<()> {
+            Ok(())
+        }
+    }
+    let original = random_decoder(&config(), 21, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&original, GgmlDType::Q4_1, &path);
+    let model = GgufFile::open(&path)
+        .unwrap()
+        .load_decoder(&Device::Cpu)
+        .unwrap();
+    assert_eq!(model.kv_storage(), DType::F16);
+    assert_eq!(original.kv_storage(), DType::F32);
+    let prompt = [1u32, 7, 19, 33, 2, 40, 41];
+    let run = |pieces: &[&[u32]], hooks: bool| -> Vec<f32> {
+        let mut cache = model.new_cache();
+        let mut see = SeeQueries;
+        let mut last = Vec::new();
+        for piece in pieces {
+            let hooks = hooks.then_some(&mut see as &mut dyn SequenceHooks);
+            last = model
+                .forward_one(piece, &mut cache, hooks)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        }
+        last
+    };
+    let whole = run(&[&prompt, &[63], &[5]], false);
+    let one_by_one: Vec<&[u32]> = prompt.chunks(1).chain([&[63u32][..], &[5]]).collect();
+    assert_eq!(whole, run(&one_by_one, false));
+    assert_eq!(whole, run(&[&prompt, &[63], &[5]], true));
+}
