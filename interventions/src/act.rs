@@ -184,9 +184,15 @@ fn calibrate_decode_row(row: &mut [f32], beta: f64, threshold: f64) {
         return;
     };
     let is_sink = |j: usize, v: f32| j > first && v > threshold;
-    if !row.iter().enumerate().any(|(j, &v)| is_sink(j, v)) {
-        return;
+    if row.iter().enumerate().any(|(j, &v)| is_sink(j, v)) {
+        move_off_sinks(row, is_sink, beta);
     }
+}
+
+/// Shrinks a row's sinks by `beta` and grows the rest by (1 + (1 - beta) m / R), m the sinks'
+/// mass and R the rest's. Rows with no room (R ~ 0) stay as they are, which also keeps 0/0 out
+/// of the next layer. `is_sink(j, value)` is asked before value j changes.
+fn move_off_sinks(row: &mut [f32], is_sink: impl Fn(usize, f32) -> bool, beta: f64) {
     let sink_mass: f32 = row
         .iter()
         .enumerate()
@@ -290,22 +296,7 @@ fn calibrate_head(head: &mut [f32], visible: &[f32], beta: f64, threshold: f64) 
         return false;
     }
     for row in head.chunks_exact_mut(k_len) {
-        let sink_mass: f32 = row
-            .iter()
-            .zip(&is_sink)
-            .filter(|(_, s)| **s)
-            .map(|(v, _)| v)
-            .sum();
-        let rest = 1.0 - sink_mass;
-        // Rows with no room (R ~ 0) stay as they are, which also keeps 0/0 out of the next
-        // layer; otherwise non-sinks grow by (1 + (1 - beta) m / R) and sinks shrink by beta.
-        if rest < 1e-6 {
-            continue;
-        }
-        let grow = 1.0 + (1.0 - beta as f32) * sink_mass / rest;
-        for (v, &sink) in row.iter_mut().zip(&is_sink) {
-            *v *= if sink { beta as f32 } else { grow };
-        }
+        move_off_sinks(row, |j, _| is_sink[j], beta);
     }
     true
 }
