@@ -282,7 +282,7 @@ pub mod avx512_lanes {
 
     impl UnpackedGroup {
         /// Room for `n` blocks (kept across groups of the same matrix).
-        fn blocks(&mut self, n: usize) {
+        fn make_room(&mut self, n: usize) {
             let empty = Unpacked {
                 pairs: [[[0; 32]; 2]; 4],
                 d: [0.0; GROUP],
@@ -360,7 +360,7 @@ pub mod avx512_lanes {
     ) {
         if let Some(source) = source {
             group.offset = matches!(source, GroupBlocks::Bytes(_));
-            group.blocks(a.len());
+            group.make_room(a.len());
         }
         let mut acc = [_mm512_setzero_ps(); GROUP];
         for (b, ab) in a.iter().enumerate() {
