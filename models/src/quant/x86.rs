@@ -470,9 +470,10 @@ pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
         for vi in v {
             amax = _mm256_max_ps(_mm256_andnot_ps(sign, vi), amax);
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
-        let amax = lanes.iter().fold(0f32, |m, &l| m.max(l));
+        // The lanes' maximum in registers (no lane is NaN, so the order does not matter).
+        let amax = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let amax = _mm_max_ps(amax, _mm_movehl_ps(amax, amax));
+        let amax = _mm_cvtss_f32(_mm_max_ss(amax, _mm_movehdup_ps(amax)));
         let d = amax / 127.0;
         let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         let half = _mm256_set1_ps(0.5);
@@ -508,9 +509,12 @@ pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
             _mm256_xor_si256(bytes, _mm256_set1_epi8(-128)),
             _mm256_setzero_si256(),
         );
-        let mut parts = [0i64; 4];
-        _mm256_storeu_si256(parts.as_mut_ptr() as *mut __m256i, sums);
-        let total = parts.iter().sum::<i64>() as i32 - 128 * BLOCK as i32;
+        let sums = _mm_add_epi64(
+            _mm256_castsi256_si128(sums),
+            _mm256_extracti128_si256(sums, 1),
+        );
+        let sums = _mm_add_epi64(sums, _mm_unpackhi_epi64(sums, sums));
+        let total = _mm_cvtsi128_si64(sums) as i32 - 128 * BLOCK as i32;
         block.d = d;
         block.sum = d * total as f32;
         block.offset = 128 * total;
