@@ -799,3 +799,57 @@ fn prompts_prefilled_in_pieces_give_the_answers_of_one_piece() {
         }
     }
 }
+
+/// The prefix cache: a prompt sharing a kept prompt's start copies those positions and answers
+/// exactly as a server without the cache does; requests with hooks neither use nor fill it.
+#[test]
+fn prompts_sharing_a_prefix_reuse_its_cache_and_answer_as_without_it() {
+    let cached = Server::start(DEFAULT_CONFIG, &[]);
+    let uncached = Server::start("[server]\nprefix_cache_bytes = 0\n", &[]);
+    let system = "You are a patient teacher. Answer in one short sentence, plainly, without lists.";
+    let ask = |question: &str| {
+        let mut req = json!({
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ],
+            "max_tokens": 8,
+            "temperature": 0,
+            "logprobs": true,
+        });
+        req["top_logprobs"] = json!(2);
+        req
+    };
+    let cached_tokens = |server: &Server| -> f64 {
+        let (_, text) = server.get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with("attune_prompt_cached_tokens_total{"))
+            .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+    };
+    let first = ask("Why is the sky blue?");
+    assert_eq!(cached.post("/v1/chat/completions", &first).0, 200);
+    assert_eq!(cached_tokens(&cached), 0.0);
+    // Same system prompt, another question: the shared start is copied.
+    let second = ask("What makes leaves green?");
+    let (status, warm) = cached.post("/v1/chat/completions", &second);
+    assert_eq!(status, 200, "{warm}");
+    let reused = cached_tokens(&cached);
+    assert!(reused >= 16.0, "{reused} prompt tokens reused");
+    let (_, cold) = uncached.post("/v1/chat/completions", &second);
+    assert_eq!(cold["choices"][0]["message"], warm["choices"][0]["message"]);
+    assert_eq!(
+        cold["choices"][0]["logprobs"],
+        warm["choices"][0]["logprobs"]
+    );
+    assert_eq!(cached_tokens(&uncached), 0.0);
+    // With an intervention that hooks the model, the cache is left alone.
+    let mut hooked = ask("What makes leaves green?");
+    hooked["interventions"] = json!([{"type": "zerotuning", "gamma": 2.0}]);
+    assert_eq!(cached.post("/v1/chat/completions", &hooked).0, 200);
+    assert_eq!(cached_tokens(&cached), reused);
+    let (_, metrics) = cached.get("/metrics");
+    assert!(
+        metrics.contains("attune_prefix_cache_bytes{model="),
+        "{metrics}"
+    );
+}

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub prefill_chunk_tokens: usize,
     /// Requests waiting for a batch slot, per model; beyond it requests get 429.
     pub max_queue: usize,
+    /// Bytes of recently prefilled prompts' KV caches kept per model, so that prompts starting
+    /// with the same tokens copy them instead of computing them again; 0 turns this off.
+    pub prefix_cache_bytes: usize,
     /// Most tokens one choice may generate.
     pub max_tokens_cap: usize,
     /// Most choices (`n`) per request.
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             max_batch_size: 16,
             prefill_chunk_tokens: 512,
             max_queue: 64,
+            prefix_cache_bytes: 32 * 1024 * 1024,
             max_tokens_cap: 4096,
             max_n: 8,
             max_body_bytes: 16 * 1024 * 1024,

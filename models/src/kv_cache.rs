@@ -65,6 +65,45 @@ impl KvCache {
         })
     }
 
+    /// A deep copy of the first `len` cached positions (a prompt's prefix that other sequences
+    /// continue from), with room for at least as many more.
+    pub fn prefix(&self, len: usize) -> Result<Self> {
+        if len > self.len {
+            candle_core::bail!("a prefix of {len} positions from a cache of {}", self.len);
+        }
+        let capacity = if len == 0 {
+            0
+        } else {
+            len.next_power_of_two().max(MIN_CAPACITY)
+        };
+        let shape = (self.kv_heads, capacity, self.head_dim);
+        let copy = |buf: &Tensor| -> Result<Tensor> {
+            let out = Tensor::zeros(shape, self.storage, &self.device)?;
+            if len > 0 {
+                out.slice_set(&buf.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+            Ok(out)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some(e) if capacity > 0 => Ok(Some(LayerKv {
+                    k: copy(&e.k)?,
+                    v: copy(&e.v)?,
+                })),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len,
+            capacity,
+            device: self.device.clone(),
+            ..*self
+        })
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.len

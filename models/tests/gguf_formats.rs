@@ -219,3 +219,42 @@ fn quantized_models_cache_f16_and_every_attention_path_agrees() {
     assert_eq!(whole, run(&one_by_one, false));
     assert_eq!(whole, run(&[&prompt, &[63], &[5]], true));
 }
+
+/// A prompt's cached prefix, copied into a new cache, continues exactly as the prompt fed
+/// whole (what the server's prefix cache relies on): same logits at the prompt's end and after.
+#[test]
+fn a_copied_cache_prefix_continues_as_the_whole_prompt() {
+    let original = random_decoder(&config(), 22, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&original, GgmlDType::Q4_1, &path);
+    let model = GgufFile::open(&path)
+        .unwrap()
+        .load_decoder(&Device::Cpu)
+        .unwrap();
+    let prompt = [1u32, 7, 19, 33, 2, 40, 41, 12, 9];
+    let logits = |cache: &mut attune_models::KvCache, tokens: &[u32]| -> Vec<f32> {
+        model
+            .forward_one(tokens, cache, None)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut cold = model.new_cache();
+    let cold_logits = [
+        logits(&mut cold, &prompt),
+        logits(&mut cold, &[63]),
+        logits(&mut cold, &[5]),
+    ];
+    for reused in [1, 5, 8] {
+        let mut warm = cold.prefix(reused).unwrap();
+        assert_eq!(warm.len(), reused);
+        let warm_logits = [
+            logits(&mut warm, &prompt[reused..]),
+            logits(&mut warm, &[63]),
+            logits(&mut warm, &[5]),
+        ];
+        assert_eq!(cold_logits, warm_logits, "{reused} positions reused");
+    }
+    assert!(cold.prefix(cold.len() + 1).is_err());
+}

@@ -13,11 +13,13 @@ pub struct Metrics {
     pub time_to_first_token: HistogramVec,
     pub inter_token_latency: HistogramVec,
     pub prompt_tokens: IntCounterVec,
+    pub prompt_cached_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub running_sequences: IntGaugeVec,
     pub batch_size: HistogramVec,
     pub kv_cache_bytes: IntGaugeVec,
+    pub prefix_cache_bytes: IntGaugeVec,
     pub intervention_requests: IntCounterVec,
     pub intervention_hook_seconds: prometheus::CounterVec,
     pub step_duration: Histogram,
@@ -116,6 +118,11 @@ impl Metrics {
                 "Prompt tokens processed.",
                 &["model"],
             ),
+            prompt_cached_tokens: counter(
+                "attune_prompt_cached_tokens_total",
+                "Prompt tokens whose keys and values were copied from the prefix cache.",
+                &["model"],
+            ),
             generated_tokens: counter(
                 "attune_generated_tokens_total",
                 "Tokens generated.",
@@ -140,6 +147,11 @@ impl Metrics {
             kv_cache_bytes: gauge(
                 "attune_kv_cache_bytes",
                 "Bytes held by the KV caches of running sequences.",
+                &["model"],
+            ),
+            prefix_cache_bytes: gauge(
+                "attune_prefix_cache_bytes",
+                "Bytes held by the prefix cache's kept prompt caches.",
                 &["model"],
             ),
             intervention_requests: counter(

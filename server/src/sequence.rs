@@ -115,6 +115,10 @@ impl Sequence {
         self.cache.bytes()
     }
 
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     pub fn cache_mut(&mut self) -> &mut KvCache {
         &mut self.cache
     }

@@ -52,6 +52,7 @@ fn load_models(config: &AttuneConfig, state: &AppState, metrics: Arc<Metrics>) {
     let engine_config = EngineConfig {
         max_batch_size: config.server.max_batch_size,
         max_queue: config.server.max_queue,
+        prefix_cache_bytes: config.server.prefix_cache_bytes,
         prefill_chunk_tokens: config.server.prefill_chunk_tokens,
     };
     for (entry, slot) in config.models.iter().zip(&state.models) {

@@ -5,6 +5,7 @@
 //! settings and intervention hooks, so requests with different interventions share one decoder
 //! step. Compute runs on this dedicated thread, never on the async runtime.
 
+mod prefix_cache;
 mod step;
 mod timed_hooks;
 
@@ -14,6 +15,7 @@ use attune_interventions::{Intervention, LogitsProcessor, PromptView, VisionRequ
 use attune_models::vision::RgbImage;
 use attune_models::{HookStack, KvCache, Model, SequenceHooks};
 use candle_core::{Result as CandleResult, Tensor, TensorId};
+use prefix_cache::PrefixCache;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -62,6 +64,8 @@ pub enum EngineEvent {
 pub struct EngineConfig {
     pub max_batch_size: usize,
     pub max_queue: usize,
+    /// KV bytes of prefilled prompts kept for reuse (see [`prefix_cache`]); 0: none.
+    pub prefix_cache_bytes: usize,
     /// Most prompt tokens a sequence feeds per step; longer prompts are prefilled over several
     /// steps (bounding the attention's chunk x context score matrices).
     pub prefill_chunk_tokens: usize,
@@ -103,6 +107,7 @@ impl Engine {
             metrics: metrics.clone(),
             running: Vec::new(),
             waiting: None,
+            prefix_cache: PrefixCache::new(config.prefix_cache_bytes),
         };
         std::thread::Builder::new()
             .name(format!("attune-engine-{model_id}"))
@@ -167,6 +172,11 @@ struct Running {
     /// of them are done.
     prefill_pieces: usize,
     prefilled_pieces: usize,
+    /// Leading prompt tokens whose keys and values came from the prefix cache (not fed).
+    reused_prompt: usize,
+    /// Whether the prompt's cache goes into the prefix cache once prefilled (no hooks, no
+    /// images, no branches).
+    shares_prefix: bool,
     /// Logits rewriters (contrastive decoding) with the range of `branches` each one reads,
     /// applied in request order before sampling.
     processors: Vec<(Box<dyn LogitsProcessor>, std::ops::Range<usize>)>,
@@ -190,6 +200,7 @@ struct Scheduler {
     running: Vec<Running>,
     /// A request that did not fit into the batch yet; it goes first next time.
     waiting: Option<GenerationRequest>,
+    prefix_cache: PrefixCache,
 }
 
 impl Scheduler {
@@ -256,7 +267,7 @@ impl Scheduler {
 
     /// Installs the interventions on one choice (running any extra passes they need first).
     fn start_choice(
-        &self,
+        &mut self,
         choice: usize,
         mut spec: ChoiceSpec,
         request: &GenerationRequest,
@@ -311,11 +322,24 @@ impl Scheduler {
             prompt_embeddings = Some(replacement.embeddings);
             spec.prompt.len()
         });
+        let shares_prefix =
+            hooks.is_empty() && prompt_embeddings.is_none() && spec.branches.is_empty();
+        let (cache, reused_prompt) = match shares_prefix {
+            true => self.prefix_cache.lookup(&spec.prompt)?,
+            false => None,
+        }
+        .unwrap_or_else(|| (decoder.new_cache(), 0));
+        if reused_prompt > 0 {
+            self.metrics
+                .prompt_cached_tokens
+                .with_label_values(&[&self.model_id])
+                .inc_by(reused_prompt as u64);
+        }
         let longest = spec
             .branches
             .iter()
             .map(|b| b.prompt.len())
-            .chain([spec.prompt.len()])
+            .chain([spec.prompt.len() - reused_prompt])
             .max()
             .unwrap_or(1);
         let prefill_pieces = longest.div_ceil(self.config.prefill_chunk_tokens.max(1));
@@ -334,7 +358,7 @@ impl Scheduler {
         let seq = Sequence::new(
             spec.prompt,
             spec.params,
-            decoder.new_cache(),
+            cache,
             self.model.tokenizer.stop_ids().clone(),
             decoder.config().max_position_embeddings,
         );
@@ -346,6 +370,8 @@ impl Scheduler {
             branches,
             prefill_pieces,
             prefilled_pieces: 0,
+            reused_prompt,
+            shares_prefix,
             processors,
             hook_time,
             report: (!reports.is_empty()).then_some(Value::Object(reports)),
@@ -423,6 +449,12 @@ impl Scheduler {
                 Ok(Some(logits)) => Ok(logits),
                 Err(e) => Err(e),
             };
+            // The prompt just finished prefilling: keep its cache for later prompts.
+            if r.shares_prefix && logits.is_ok() && r.seq.generated().is_empty() {
+                if let Err(e) = self.prefix_cache.insert(r.seq.prompt(), r.seq.cache()) {
+                    tracing::warn!(model = %self.model_id, "keeping a prompt's cache failed: {e}");
+                }
+            }
             let mut output = logits
                 .and_then(|row| apply_processors(&self.model, &mut r, row))
                 .map_err(|e| e.to_string())
@@ -506,5 +538,9 @@ impl Scheduler {
             .kv_cache_bytes
             .with_label_values(id)
             .set(kv as i64);
+        self.metrics
+            .prefix_cache_bytes
+            .with_label_values(id)
+            .set(self.prefix_cache.bytes() as i64);
     }
 }

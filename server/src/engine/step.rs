@@ -60,7 +60,10 @@ pub fn forward(model: &Model, running: &mut [Running]) -> CandleResult<Vec<Optio
                 Ok(DecoderInput::Tokens(last.into_iter().collect()))
             }
         };
-        let main_input = input(r.seq.prompt(), r.prompt_embeddings.as_ref())?;
+        let main_input = input(
+            &r.seq.prompt()[r.reused_prompt..],
+            r.prompt_embeddings.as_ref(),
+        )?;
         if main_input.is_empty()? {
             main_rows.push(None);
         } else {
