@@ -814,7 +814,7 @@ impl Decoder {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, weight, self.cfg.rms_norm_eps as f32)
+        crate::rms_norm::rms_norm(x, weight, self.cfg.rms_norm_eps as f32)
     }
 
     /// Runs a row-wise hook on each sequence's rows of a packed (rows, hidden) tensor.

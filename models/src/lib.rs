@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod quant;
+mod rms_norm;
 pub mod rope;
 pub mod safetensors;
 pub mod source;

@@ -1,7 +1,9 @@
 //! `attune bench --serve`: load on a real server over HTTP. Streams chat requests at several
 //! concurrency levels and reports aggregate generated tokens/s (end to end, prefills
 //! included), aggregate decode tokens/s (each stream's rate after its first token, summed over
-//! the streams) and latency percentiles, each throughput also against the first level's.
+//! the streams) and latency percentiles, each throughput also against the first level's. The
+//! levels run in rounds (1, 4, 16, 1, 4, 16, ...) and each figure is the median over rounds, so
+//! a slow or fast spell of the machine does not land on one level only.
 
 use crate::local_server;
 use anyhow::Result;
@@ -12,9 +14,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     pub concurrency: Vec<usize>,
-    /// Requests per stream at each level.
+    /// Requests per stream at each level, per round.
     pub requests_per_stream: usize,
     pub max_tokens: usize,
+    pub rounds: usize,
 }
 
 struct Sample {
@@ -34,6 +37,14 @@ impl Sample {
     }
 }
 
+/// One level's results over the rounds.
+#[derive(Default)]
+struct Level {
+    samples: Vec<Sample>,
+    aggregate: Vec<f64>,
+    decode: Vec<f64>,
+}
+
 /// Runs against `url`, or against a server started in this process from `config`.
 pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Result<()> {
     let in_process = url.is_none();
@@ -43,45 +54,38 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
     };
     local_server::wait_ready(&base, None)?;
     println!(
-        "server: {base} | {} generated tokens per request (greedy, chat) | {} requests per stream",
-        load.max_tokens, load.requests_per_stream
+        "server: {base} | {} generated tokens per request (greedy, chat) | {} requests per stream | median of {} rounds",
+        load.max_tokens, load.requests_per_stream, load.rounds
     );
+    let mut levels: Vec<Level> = load.concurrency.iter().map(|_| Level::default()).collect();
+    for round in 0..load.rounds {
+        for (&streams, level) in load.concurrency.iter().zip(&mut levels) {
+            let started = Instant::now();
+            let samples = one_level(&base, streams, round, load)?;
+            let wall = started.elapsed().as_secs_f64();
+            let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+            level.aggregate.push(tokens as f64 / wall);
+            level.decode.push(
+                streams as f64 * samples.iter().map(Sample::decode_rate).sum::<f64>()
+                    / samples.len() as f64,
+            );
+            level.samples.extend(samples);
+        }
+    }
     println!("| concurrent streams | requests | aggregate tok/s | vs first level | aggregate decode tok/s | vs first level | p50 latency s | p99 latency s | p50 TTFT s |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut first_level = None;
-    for &streams in &load.concurrency {
-        let started = Instant::now();
-        let samples: Vec<Sample> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..streams)
-                .map(|w| {
-                    let base = &base;
-                    s.spawn(move || -> Result<Vec<Sample>> {
-                        (0..load.requests_per_stream)
-                            .map(|r| one_request(base, w * 1000 + r, load.max_tokens))
-                            .collect()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().expect("worker thread"))
-                .collect::<Result<Vec<_>>>()
-                .map(|v| v.into_iter().flatten().collect())
-        })?;
-        let wall = started.elapsed().as_secs_f64();
-        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
-        let aggregate = tokens as f64 / wall;
-        let decode = streams as f64 * samples.iter().map(Sample::decode_rate).sum::<f64>()
-            / samples.len() as f64;
+    for (streams, level) in load.concurrency.iter().zip(&levels) {
+        let (aggregate, decode) = (median(&level.aggregate), median(&level.decode));
         let (first_aggregate, first_decode) = *first_level.get_or_insert((aggregate, decode));
         let pct = |f: fn(&Sample) -> Duration, p: f64| {
-            let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64()).collect();
+            let mut v: Vec<f64> = level.samples.iter().map(|s| f(s).as_secs_f64()).collect();
             v.sort_by(f64::total_cmp);
             v[((v.len() - 1) as f64 * p).round() as usize]
         };
         println!(
             "| {streams} | {} | {aggregate:.1} | {:.2}x | {decode:.1} | {:.2}x | {:.2} | {:.2} | {:.2} |",
-            samples.len(),
+            level.samples.len(),
             aggregate / first_aggregate,
             decode / first_decode,
             pct(|s| s.latency, 0.5),
@@ -99,6 +103,35 @@ pub fn run(url: Option<String>, config: AttuneConfig, load: &LoadConfig) -> Resu
         }
     }
     Ok(())
+}
+
+/// `streams` concurrent streams of `requests_per_stream` requests each.
+fn one_level(base: &str, streams: usize, round: usize, load: &LoadConfig) -> Result<Vec<Sample>> {
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..streams)
+            .map(|w| {
+                s.spawn(move || -> Result<Vec<Sample>> {
+                    (0..load.requests_per_stream)
+                        .map(|r| {
+                            let n = (round * 1000 + w) * 1000 + r;
+                            one_request(base, n, load.max_tokens)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker thread"))
+            .collect::<Result<Vec<_>>>()
+            .map(|v| v.into_iter().flatten().collect())
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// The process's high-water resident set (Linux `VmHWM`).

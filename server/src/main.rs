@@ -182,6 +182,8 @@ struct BenchArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Runs per engine (with --serve: rounds over all concurrency levels, interleaved so that
+    /// the machine's slow and fast spells fall on every level; medians are reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Also measure llama.cpp: the Python of a venv with llama-cpp-python
@@ -300,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
                 concurrency: args.concurrency,
                 requests_per_stream: args.requests_per_stream.max(1),
                 max_tokens: args.max_tokens,
+                rounds: args.runs.max(1),
             },
         )?,
         Command::Bench(args) if args.vlm => attune_server::bench_vlm::run(
