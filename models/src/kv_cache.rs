@@ -199,6 +199,40 @@ impl KvCache {
     }
 }
 
+/// `out[i] = values[i]` rounded to f16 (to nearest, ties to even), eight at a time where the
+/// CPU converts in hardware. Not `half`'s slice conversion: it converts four values per call of
+/// an out-of-line function, which made the cache writes 4% of a 16-row decode step.
+fn narrow_to_f16(out: &mut [half::f16], values: &[f32]) {
+    assert_eq!(out.len(), values.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has F16C; the lengths match (asserted).
+        return unsafe { narrow_to_f16_f16c(out, values) };
+    }
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = half::f16::from_f32(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn narrow_to_f16_f16c(out: &mut [half::f16], values: &[f32]) {
+    use std::arch::x86_64::*;
+    let whole = values.len() / 8 * 8;
+    for c in (0..whole).step_by(8) {
+        // SAFETY: c + 8 <= whole <= both lengths.
+        unsafe {
+            let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(
+                values.as_ptr().add(c),
+            ));
+            _mm_storeu_si128(out.as_mut_ptr().add(c) as *mut __m128i, halves);
+        }
+    }
+    for (o, &v) in out[whole..].iter_mut().zip(&values[whole..]) {
+        *o = half::f16::from_f32(v);
+    }
+}
+
 /// Writes positions `start..` (`rows`: kv_heads × head_dim each) into an f32 or f16 CPU buffer
 /// (kv_heads, capacity, head_dim).
 struct WriteRows<'a> {
@@ -244,12 +278,39 @@ impl InplaceOp1 for WriteRows<'_> {
             CpuStorage::F32(data) => self.write(data, capacity, head_dim, |out, values| {
                 out.copy_from_slice(values)
             }),
-            CpuStorage::F16(data) => self.write(data, capacity, head_dim, |out, values| {
-                // Eight values per instruction where the CPU converts in hardware.
-                half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, values)
-            }),
+            CpuStorage::F16(data) => self.write(data, capacity, head_dim, narrow_to_f16),
             _ => candle_core::bail!("a row write needs an f32 or f16 cache buffer"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_and_software_f16_rounding_agree() {
+        let mut values: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.37).collect();
+        values.extend([
+            0.0,
+            -0.0,
+            65504.0,
+            65520.0,
+            1e9,
+            -1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            5.96e-8,
+            2.98e-8,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            6.1e-5,
+        ]);
+        let mut fast = vec![half::f16::ZERO; values.len()];
+        narrow_to_f16(&mut fast, &values);
+        for (f, v) in fast.iter().zip(&values) {
+            assert_eq!(f.to_bits(), half::f16::from_f32(*v).to_bits(), "{v}");
+        }
     }
 }
