@@ -156,10 +156,14 @@ impl Sequence {
                 .map(|&t| (t, row[t as usize]))
                 .collect()
         });
-        let mut penalized = logits.to_vec();
-        self.sampler
-            .apply_penalties(&mut penalized, &self.prompt, &self.generated);
-        let token = self.sampler.sample(&penalized);
+        let token = if self.sampler.has_penalties() {
+            let mut penalized = logits.to_vec();
+            self.sampler
+                .apply_penalties(&mut penalized, &self.prompt, &self.generated);
+            self.sampler.sample(&penalized)
+        } else {
+            self.sampler.sample(logits)
+        };
         self.generated.push(token);
         let logprob = self
             .params
