@@ -175,28 +175,44 @@ impl LogitsProcessor for DolaProcessor {
             .logits_from_hidden(&Tensor::cat(&rows, 0)?, self.params.premature_final_norm)?
             .to_vec2::<f32>()?;
         let mature = log_softmax(&logits);
-        let candidates: Vec<Vec<f64>> = premature.iter().map(|z| log_softmax(z)).collect();
-        let chosen = candidates
+        let mature_probs: Vec<f64> = mature.iter().map(|l| l.exp()).collect();
+        // Each candidate's divergence on its own CPU worker: ~2·vocabulary exp/ln in f64 each.
+        let mut divergences = vec![0f64; premature.len()];
+        let at = divergences.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(premature.len(), |candidates| {
+            for c in candidates {
+                let js = js_divergence(&mature, &mature_probs, &premature[c]);
+                // SAFETY: c < premature.len() = divergences.len(), and each candidate belongs
+                // to exactly one chunk.
+                unsafe { *(at as *mut f64).add(c) = js };
+            }
+        });
+        let chosen = divergences
             .iter()
-            .map(|lp| js_divergence(&mature, lp))
             .enumerate()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| i)
             .expect("at least one candidate");
         Ok(dola_scores(
             &mature,
-            &candidates[chosen],
+            &log_softmax(&premature[chosen]),
             &self.params,
             context,
         ))
     }
 }
 
-/// Jensen-Shannon divergence between two distributions given as log-probabilities.
-pub fn js_divergence(a: &[f64], b: &[f64]) -> f64 {
+/// Jensen-Shannon divergence between a distribution given as log-probabilities `a` and
+/// probabilities `a_probs`, and the softmax of `logits`. The softmax's probabilities come from
+/// the exponentials its normalizer sums (one exp and one ln per token, not three and one).
+pub fn js_divergence(a: &[f64], a_probs: &[f64], logits: &[f32]) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    let lse = max + sum.ln();
     let mut js = 0.0;
-    for (&la, &lb) in a.iter().zip(b) {
-        let (pa, pb) = (la.exp(), lb.exp());
+    for (((&la, &pa), &l), &e) in a.iter().zip(a_probs).zip(logits).zip(&exps) {
+        let (lb, pb) = (l as f64 - lse, e / sum);
         let m = 0.5 * (pa + pb);
         if m <= 0.0 {
             continue;
@@ -249,4 +265,45 @@ pub fn dola_scores(mature: &[f64], premature: &[f64], p: &Dola, context: &[u32])
         }
     }
     scores
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The divergence from probabilities derived once per row equals the textbook formula on
+    /// both rows' log-probabilities (to f64 rounding), is zero for identical rows and grows
+    /// as they part.
+    #[test]
+    fn js_divergence_follows_the_definition() {
+        let a_logits: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 * 0.11).sin() * 4.0)
+            .collect();
+        let b_logits: Vec<f32> = a_logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l + (i % 7) as f32 * 0.3)
+            .collect();
+        let (a, b) = (log_softmax(&a_logits), log_softmax(&b_logits));
+        let a_probs: Vec<f64> = a.iter().map(|l| l.exp()).collect();
+        let textbook: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(&la, &lb)| {
+                let (pa, pb) = (la.exp(), lb.exp());
+                let lm = (0.5 * (pa + pb)).ln();
+                0.5 * pa * (la - lm) + 0.5 * pb * (lb - lm)
+            })
+            .sum();
+        let ours = js_divergence(&a, &a_probs, &b_logits);
+        assert!(textbook > 1e-3, "{textbook}");
+        assert!((ours - textbook).abs() < 1e-12, "{ours} vs {textbook}");
+        assert!(js_divergence(&a, &a_probs, &a_logits).abs() < 1e-12);
+        let further: Vec<f32> = b_logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l + (i % 7) as f32 * 0.3)
+            .collect();
+        assert!(js_divergence(&a, &a_probs, &further) > ours);
+    }
 }
