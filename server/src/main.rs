@@ -216,7 +216,7 @@ struct BenchArgs {
     /// With --serve: concurrent streams per level.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     concurrency: Vec<usize>,
-    /// With --serve: requests each stream sends per level.
+    /// With --serve: requests each stream sends per level and round.
     #[arg(long, default_value_t = 2)]
     requests_per_stream: usize,
     /// With --serve: tokens generated per request.
