@@ -98,28 +98,23 @@ mod tests {
     use crate::testing::SeededRng;
     use candle_core::Device;
 
+    fn weight(rng: &mut SeededRng, hidden: usize) -> Tensor {
+        let w = rng.tensor((1, hidden), 1.0, &Device::Cpu).unwrap();
+        w.squeeze(0).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn matches_candles_rms_norm_for_few_and_many_rows() {
         let mut rng = SeededRng::new(3);
-        let weight = rng
-            .tensor((1, 100), 1.0, &Device::Cpu)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+        let weight = weight(&mut rng, 100);
         for rows in [1, 5, 33, 70] {
             let x = rng.tensor((rows, 100), 3.0, &Device::Cpu).unwrap();
-            let ours: Vec<f32> = rms_norm(&x, &weight, 1e-5)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let candle: Vec<f32> = candle_nn::ops::rms_norm(&x, &weight, 1e-5)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ours = values(&rms_norm(&x, &weight, 1e-5).unwrap());
+            let candle = values(&candle_nn::ops::rms_norm(&x, &weight, 1e-5).unwrap());
             for (a, b) in ours.iter().zip(&candle) {
                 // Only the summation order differs: a few ulp.
                 assert!(
@@ -133,24 +128,12 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let mut rng = SeededRng::new(4);
-        let weight = rng
-            .tensor((1, 64), 1.0, &Device::Cpu)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+        let weight = weight(&mut rng, 64);
         let x = rng.tensor((40, 64), 1.0, &Device::Cpu).unwrap();
         let all = rms_norm(&x, &weight, 1e-6).unwrap();
         for r in [0, 17, 39] {
             let alone = rms_norm(&x.narrow(0, r, 1).unwrap(), &weight, 1e-6).unwrap();
-            assert_eq!(
-                all.narrow(0, r, 1)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-                alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            );
+            assert_eq!(values(&all.narrow(0, r, 1).unwrap()), values(&alone));
         }
     }
 }

@@ -172,6 +172,19 @@ fn every_served_format_loads_and_computes_the_same_model() {
     }
 }
 
+/// A seeded random f32 model and its Q4_1 GGUF copy, loaded (on our quantized kernels).
+fn q4_1_copy(seed: u64) -> (Decoder, Decoder) {
+    let original = random_decoder(&config(), seed, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&original, GgmlDType::Q4_1, &path);
+    let model = GgufFile::open(&path)
+        .unwrap()
+        .load_decoder(&Device::Cpu)
+        .unwrap();
+    (original, model)
+}
+
 /// A model on our quantized kernels keeps its KV cache in f16; its attention paths read the
 /// same f16 values with the same arithmetic: the one-pass batch path, the per-sequence path (a
 /// hook on queries sends each layer there) and a prompt fed whole or token by token all give
@@ -189,14 +202,7 @@ fn quantized_models_cache_f16_and_every_attention_path_agrees() {
             Ok(())
         }
     }
-    let original = random_decoder(&config(), 21, &Device::Cpu).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&original, GgmlDType::Q4_1, &path);
-    let model = GgufFile::open(&path)
-        .unwrap()
-        .load_decoder(&Device::Cpu)
-        .unwrap();
+    let (original, model) = q4_1_copy(21);
     assert_eq!(model.kv_storage(), DType::F16);
     assert_eq!(original.kv_storage(), DType::F32);
     let prompt = [1u32, 7, 19, 33, 2, 40, 41];
@@ -224,14 +230,7 @@ fn quantized_models_cache_f16_and_every_attention_path_agrees() {
 /// whole (what the server's prefix cache relies on): same logits at the prompt's end and after.
 #[test]
 fn a_copied_cache_prefix_continues_as_the_whole_prompt() {
-    let original = random_decoder(&config(), 22, &Device::Cpu).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&original, GgmlDType::Q4_1, &path);
-    let model = GgufFile::open(&path)
-        .unwrap()
-        .load_decoder(&Device::Cpu)
-        .unwrap();
+    let (_, model) = q4_1_copy(22);
     let prompt = [1u32, 7, 19, 33, 2, 40, 41, 12, 9];
     let logits = |cache: &mut attune_models::KvCache, tokens: &[u32]| -> Vec<f32> {
         model

@@ -324,11 +324,12 @@ impl Scheduler {
         });
         let shares_prefix =
             hooks.is_empty() && prompt_embeddings.is_none() && spec.branches.is_empty();
-        let (cache, reused_prompt) = match shares_prefix {
-            true => self.prefix_cache.lookup(&spec.prompt)?,
-            false => None,
-        }
-        .unwrap_or_else(|| (decoder.new_cache(), 0));
+        let kept = if shares_prefix {
+            self.prefix_cache.lookup(&spec.prompt)?
+        } else {
+            None
+        };
+        let (cache, reused_prompt) = kept.unwrap_or_else(|| (decoder.new_cache(), 0));
         if reused_prompt > 0 {
             self.metrics
                 .prompt_cached_tokens
