@@ -153,9 +153,9 @@ fn a_rows_result_is_the_same_alone_or_in_a_batch() {
     for format in FORMATS {
         // 44 weight rows: five whole groups of 8 and a partial one.
         let matrix = random_matrix(&mut rng, 44, 96, format);
-        // 23 rows: 16 in AVX-512 lanes, a batch of 4 sharing weights, and single rows; 27 and
-        // 12: a last batch of 11 and of 12 in padded lanes.
-        for m in [23, 27, 12] {
+        // 23 rows: 16 in AVX-512 lanes, a batch of 4 sharing weights, a pair and a single
+        // row; 27 and 12: a last batch of 11 and of 12 in padded lanes; 2: a pair alone.
+        for m in [23, 27, 12, 2] {
             let x: Vec<f32> = (0..m * 96).map(|_| rng.next_f32()).collect();
             for kernel in Kernel::available() {
                 let mut batched = vec![0f32; m * 44];

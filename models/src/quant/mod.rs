@@ -341,8 +341,11 @@ impl QuantMatrix {
         // The rows outside the lanes, from index 0.
         let acts = quantize_rows(kernel, &x[lane_rows * self.cols..], m - lane_rows, per_row);
         let full = lane_rows + (m - lane_rows) / BATCH * BATCH;
+        // Two or three rows left over: two of them share the unpacking too.
+        let paired = if m - full >= 2 { full + 2 } else { full };
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GROUP), |groups| {
             let mut batch_out = [[0f32; GROUP]; BATCH];
+            let mut pair_out = [[0f32; GROUP]; 2];
             let mut single_out = [[0f32; GROUP]; 1];
             #[cfg(target_arch = "x86_64")]
             let mut unpacked = x86::avx512_lanes::UnpackedGroup::default();
@@ -374,7 +377,14 @@ impl QuantMatrix {
                         write(lane_rows + c * BATCH + k, g, values);
                     }
                 }
-                for i in full..m {
+                if paired > full {
+                    let a = &acts[(full - lane_rows) * per_row..(paired - lane_rows) * per_row];
+                    self.dot_group(kernel, g, a, &mut pair_out);
+                    for (k, values) in pair_out.iter().enumerate() {
+                        write(full + k, g, values);
+                    }
+                }
+                for i in paired..m {
                     let a = &acts[(i - lane_rows) * per_row..(i - lane_rows + 1) * per_row];
                     self.dot_group(kernel, g, a, &mut single_out);
                     write(i, g, &single_out[0]);
@@ -464,8 +474,9 @@ fn quantize_rows(kernel: Kernel, x: &[f32], m: usize, per_row: usize) -> Vec<Act
     acts
 }
 
-/// Activation rows that share one unpacking of each weight block in a batched matmul (the rest
-/// run one by one; a row's result does not depend on which way it ran).
+/// Activation rows that share one unpacking of each weight block in a batched matmul (two of
+/// the rest share one too, the others run one by one; a row's result does not depend on which
+/// way it ran).
 const BATCH: usize = 4;
 
 /// Rows left over after whole AVX-512 lane batches from which padding a last lane batch costs
