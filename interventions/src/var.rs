@@ -295,7 +295,7 @@ pub fn redistribute(row: &mut [f32], kind: &[Key], image_mass: f64, rho: f64, p:
     true
 }
 
-/// φ = max over `dims` of |x[d]| / RMS(x) (spec §1 step 1).
+/// φ = max over `dims` of |x\[d\]| / RMS(x) (spec §1 step 1).
 pub fn sink_score(row: &[f32], dims: &[usize]) -> f64 {
     let mean_sq = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / row.len() as f64;
     let rms = (mean_sq + 1e-6).sqrt();
@@ -305,7 +305,7 @@ pub fn sink_score(row: &[f32], dims: &[usize]) -> f64 {
 }
 
 /// The `count` dimensions where the first token's residual is most massive relative to its
-/// RMS: our calibration for backbones with no sink dimensions on record (spec §1, [ours]).
+/// RMS: our calibration for backbones with no sink dimensions on record (spec §1, \[ours\]).
 pub fn sink_dims_of(first_token: &[f32], count: usize) -> Vec<usize> {
     let mut dims: Vec<usize> = (0..first_token.len()).collect();
     dims.sort_by(|&a, &b| first_token[b].abs().total_cmp(&first_token[a].abs()));

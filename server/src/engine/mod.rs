@@ -64,7 +64,7 @@ pub enum EngineEvent {
 pub struct EngineConfig {
     pub max_batch_size: usize,
     pub max_queue: usize,
-    /// KV bytes of prefilled prompts kept for reuse (see [`prefix_cache`]); 0: none.
+    /// KV bytes of prefilled prompts kept for reuse (the `prefix_cache` module); 0: none.
     pub prefix_cache_bytes: usize,
     /// Most prompt tokens a sequence feeds per step; longer prompts are prefilled over several
     /// steps (bounding the attention's chunk x context score matrices).

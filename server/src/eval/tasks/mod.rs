@@ -1,4 +1,4 @@
-//! The labeled tasks `attune eval` runs; each turns its data into [`Item`](super::item::Item)s.
+//! The labeled tasks `attune eval` runs; each turns its data into `Item`s.
 
 pub mod custom;
 pub mod passkey;
