@@ -202,7 +202,8 @@ fn move_off_sinks(row: &mut [f32], is_sink: impl Fn(usize, f32) -> bool, beta: f
 }
 
 /// The sinks' total in eight running sums (value j in sum j mod 8, as the attention softmax
-/// sums): one chain of dependent adds per row made ACT's decode rows 2% of a step.
+/// sums), which become vector adds where one running sum is a chain of dependent adds: this runs
+/// on every calibrated head of every decode row.
 fn sink_mass(row: &[f32], is_sink: impl Fn(usize, f32) -> bool) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = row.chunks_exact(8);
