@@ -1,7 +1,8 @@
 //! RMSNorm of f32 rows on the CPU: x / sqrt(mean(x²) + eps) · weight, as candle's op computes
 //! it except that the squares are summed in eight running sums (value j in sum j mod 8), which
 //! the compiler turns into vector adds. Candle's single running sum is a chain of dependent
-//! adds: about 0.8 µs a row of 576, twice per layer, on the thread that every worker waits for.
+//! adds: ~0.6 µs a row of 576 (measured: 0.3 ms of a 16-row step for each of the two norms of
+//! a layer, over 30 layers), on the thread that every worker waits for.
 //! Other devices and types use candle's op.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
