@@ -45,11 +45,29 @@ pub fn prefill_then_decode(
         .collect()
 }
 
+/// Logits as [`prefill_then_decode`] gives them with `spec`'s hooks, whose decode steps run
+/// inside the attention pass (their `HeadRowRewrite`); asserts that they are, bit for bit, the
+/// logits of the same hooks run between passes, and that only the first run took the in-pass
+/// path.
+pub fn in_pass_decode_logits(
+    seed: u64,
+    spec: Value,
+    prompt: &[u32],
+    decode: &[u32],
+) -> Vec<Vec<f32>> {
+    let (in_pass, rows) = decode_in_pass_or_between(seed, spec.clone(), prompt, decode, false);
+    let (between, no_rows) = decode_in_pass_or_between(seed, spec, prompt, decode, true);
+    assert_eq!(in_pass, between);
+    assert!(rows > 0, "the decode steps took the in-pass rewrite");
+    assert_eq!(no_rows, 0);
+    in_pass
+}
+
 /// Logits as [`prefill_then_decode`] gives them, with `spec`'s hooks run at decode steps
 /// inside the attention pass (their [`HeadRowRewrite`]) or, with `whole_rows`, between passes
 /// (a pass-through hook on scores without a rewrite joins them). Also returns how many head
 /// rows a counting rewrite beside them saw.
-pub fn decode_in_pass_or_between(
+fn decode_in_pass_or_between(
     seed: u64,
     spec: Value,
     prompt: &[u32],
