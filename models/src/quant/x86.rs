@@ -256,12 +256,14 @@ pub mod avx512_lanes {
     }
 
     impl Unpacked {
-        /// Weight row `r`'s values 4k..4k+4 as one i32 (for a broadcast).
-        #[inline(always)]
-        fn word(&self, r: usize, k: usize) -> i32 {
+        /// Where weight row `r`'s values 4k..4k+4 start (four bytes, for a broadcast).
+        const fn word_offset(r: usize, k: usize) -> usize {
             let (pair, half) = (r % 4, r / 4);
-            let bytes = &self.pairs[pair][k / 4][16 * half + 4 * (k % 4)..][..4];
-            i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+            std::mem::offset_of!(Unpacked, pairs)
+                + 64 * pair
+                + 32 * (k / 4)
+                + 16 * half
+                + 4 * (k % 4)
         }
     }
 
@@ -370,19 +372,12 @@ pub mod avx512_lanes {
                 Some(GroupBlocks::Bytes(w)) => unpack_bytes(w.get_unchecked(b), unpacked),
                 None => {}
             }
-            // Through memory on purpose: broadcasts from memory use the load ports, where the
-            // compiler's register shuffles would queue on the one shuffle port.
-            let unpacked = &*std::hint::black_box(unpacked);
             let acts: [__m512i; 8] =
                 std::array::from_fn(|k| _mm512_load_si512(ab.q[k].as_ptr() as *const _));
             let d_a = _mm512_load_ps(ab.d.as_ptr());
             let sum_a = _mm512_load_ps(ab.sum.as_ptr());
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let mut ints = _mm512_setzero_si512();
-                for (k, &act) in acts.iter().enumerate() {
-                    let w = _mm512_set1_epi32(unpacked.word(r, k));
-                    ints = _mm512_dpbusd_epi32(ints, w, act);
-                }
+            let sums = block_sums(unpacked, &acts);
+            for ((r, acc), mut ints) in acc.iter_mut().enumerate().zip(sums) {
                 if group.offset {
                     ints =
                         _mm512_sub_epi32(ints, _mm512_load_si512(ab.offset.as_ptr() as *const _));
@@ -393,6 +388,74 @@ pub mod avx512_lanes {
             }
         }
         store_transposed(acc, out);
+    }
+
+    /// One step of [`block_sums`]: weight rows 0..8's values 4k..4k+4 against activation word k
+    /// of the 16 lanes, each into its own row's sums.
+    macro_rules! sums_step {
+        ($u:expr, $act:expr, $sums:ident, $k:literal) => {
+            std::arch::asm!(
+                "vpbroadcastd {w}, dword ptr [{u} + {o0}]",
+                "vpdpbusd {s0}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o1}]",
+                "vpdpbusd {s1}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o2}]",
+                "vpdpbusd {s2}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o3}]",
+                "vpdpbusd {s3}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o4}]",
+                "vpdpbusd {s4}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o5}]",
+                "vpdpbusd {s5}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o6}]",
+                "vpdpbusd {s6}, {w}, {a}",
+                "vpbroadcastd {w}, dword ptr [{u} + {o7}]",
+                "vpdpbusd {s7}, {w}, {a}",
+                u = in(reg) $u,
+                a = in(zmm_reg) $act,
+                w = out(zmm_reg) _,
+                s0 = inout(zmm_reg) $sums[0],
+                s1 = inout(zmm_reg) $sums[1],
+                s2 = inout(zmm_reg) $sums[2],
+                s3 = inout(zmm_reg) $sums[3],
+                s4 = inout(zmm_reg) $sums[4],
+                s5 = inout(zmm_reg) $sums[5],
+                s6 = inout(zmm_reg) $sums[6],
+                s7 = inout(zmm_reg) $sums[7],
+                o0 = const Unpacked::word_offset(0, $k),
+                o1 = const Unpacked::word_offset(1, $k),
+                o2 = const Unpacked::word_offset(2, $k),
+                o3 = const Unpacked::word_offset(3, $k),
+                o4 = const Unpacked::word_offset(4, $k),
+                o5 = const Unpacked::word_offset(5, $k),
+                o6 = const Unpacked::word_offset(6, $k),
+                o7 = const Unpacked::word_offset(7, $k),
+                options(nostack, readonly, preserves_flags, pure),
+            )
+        };
+    }
+
+    /// Each weight row's exact integer sum against the 16 lanes of one block. In assembly, a
+    /// step per activation word with the eight rows innermost: eight independent chains of
+    /// multiply-adds side by side in program order, so their latency overlaps without a deep
+    /// out-of-order window, and every weight word broadcast straight from memory (written with
+    /// intrinsics in this order, the compiler hoists the broadcasts into spilled registers).
+    /// Row after row, as before, 3072×576 Q4_1 at 16 rows took 200 µs on one thread and 142 µs
+    /// on two; this way 176 µs and 111 µs.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    #[inline]
+    unsafe fn block_sums(unpacked: &Unpacked, acts: &[__m512i; 8]) -> [__m512i; GROUP] {
+        let u = unpacked as *const Unpacked;
+        let mut sums = [_mm512_setzero_si512(); GROUP];
+        sums_step!(u, acts[0], sums, 0);
+        sums_step!(u, acts[1], sums, 1);
+        sums_step!(u, acts[2], sums, 2);
+        sums_step!(u, acts[3], sums, 3);
+        sums_step!(u, acts[4], sums, 4);
+        sums_step!(u, acts[5], sums, 5);
+        sums_step!(u, acts[6], sums, 6);
+        sums_step!(u, acts[7], sums, 7);
+        sums
     }
 
     /// Writes `acc[r]` lane j to `out.at + j·stride + r`: in registers when the group has all
