@@ -184,6 +184,11 @@ impl QueryRow<'_> {
         let key = |j: usize| self.row(k, kv_head, self.key_position(kv_head, j));
         let whole = n / 4 * 4;
         for j in (0..whole).step_by(4) {
+            if j + 4 + PREFETCH_KEYS <= n {
+                for ahead in j + PREFETCH_KEYS..j + 4 + PREFETCH_KEYS {
+                    prefetch_row(key(ahead));
+                }
+            }
             let dots = L::dot4_heads(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
             for (i, dots) in dots.iter().enumerate() {
                 for (s, d) in rows[i * n + j..i * n + j + 4].iter_mut().zip(dots) {
@@ -262,6 +267,25 @@ impl QueryRow<'_> {
 /// AVX2 registers hold: three heads' running sums for four keys, or for 32 value lanes). Taking
 /// a KV head's heads together made a 16-row step's attention 12% faster, a single row's 18%.
 const HEAD_TILE: usize = 3;
+
+/// How many keys ahead of the ones being scored their rows are asked for.
+const PREFETCH_KEYS: usize = 16;
+
+/// Asks for the cache lines of a key row (a hint: nothing on other architectures). Each (row,
+/// KV head) work item starts a new stream of keys, which the hardware prefetcher picks up late:
+/// asking ahead cut a 16-row decode profile's attention samples by ~10%.
+#[inline(always)]
+fn prefetch_row<T>(row: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = row.as_ptr() as *const i8;
+        for line in (0..std::mem::size_of_val(row)).step_by(64) {
+            // SAFETY: the address lies within `row`; a prefetch reads nothing architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(line)) };
+        }
+    }
+}
 
 /// Attention of query rows (of one or several sequences, each with its own cache), every
 /// (row, KV head) over the CPU workers in one pass: row i's outputs go to `out[i]` (heads ×
