@@ -407,7 +407,10 @@ pub mod avx512_lanes {
                 }
                 let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.d[r]), d_a);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, *acc);
+                // Q8_0 has no m_w: skipped, as the row kernels skip it.
+                if !group.offset {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, *acc);
+                }
             }
         }
         store_transposed(acc, out);
