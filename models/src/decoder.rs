@@ -469,17 +469,16 @@ impl Decoder {
         // The direct sequences' query rows, rotated, in batch order; keys are rotated on their
         // way into the cache.
         let total: usize = chosen.iter().map(|&i| spans[i].len).sum();
-        let mut q = vec![0f32; total * q_width];
-        let mut q_rotated = q.chunks_exact_mut(q_width);
+        let mut q = Vec::with_capacity(total * q_width);
         for &i in &chosen {
             let span = &spans[i];
-            let mut keys = vec![0f32; span.len * kv_width];
-            for (r, k) in keys.chunks_exact_mut(kv_width).enumerate() {
-                let q = q_rotated.next().expect("a row per query");
-                q.copy_from_slice(q_rows.row(span.row + r));
-                self.rope.apply_row(q, &span.rope, r);
-                k.copy_from_slice(k_rows.row(span.row + r));
-                self.rope.apply_row(k, &span.rope, r);
+            let mut keys = Vec::with_capacity(span.len * kv_width);
+            for r in 0..span.len {
+                for (rotated, from) in [(&mut q, &q_rows), (&mut keys, &k_rows)] {
+                    let at = rotated.len();
+                    rotated.extend_from_slice(from.row(span.row + r));
+                    self.rope.apply_row(&mut rotated[at..], &span.rope, r);
+                }
             }
             let values: Vec<&[f32]> = (0..span.len).map(|r| v_rows.row(span.row + r)).collect();
             let keys: Vec<&[f32]> = keys.chunks_exact(kv_width).collect();
@@ -513,8 +512,10 @@ impl Decoder {
             queries.push(self.row_queries(rows, cache, None, spans[i].start));
         }
         let window = self.cfg.sliding_window;
-        let rows: usize = spans.iter().map(|s| s.len).sum();
-        let mut attn = vec![0f32; rows * q_width];
+        let batch_rows: usize = spans.iter().map(|s| s.len).sum();
+        // Allocated once a row needs it: when every row takes the one pass in order, that
+        // pass's output is the result.
+        let mut attn = Vec::new();
         // Hooks on scores or probabilities: decode rows whose hooks rewrite a head's row at a
         // time join the one pass; the others get whole rows between passes, first (their
         // hooks need `&mut`, the rewrites borrow them).
@@ -541,6 +542,7 @@ impl Decoder {
             if rewrites_in_pass[k] {
                 in_pass.push((i, rows));
             } else if hooked[k] {
+                attn.resize(batch_rows * q_width, 0.0);
                 let out = &mut attn[span.row * q_width..(span.row + span.len) * q_width];
                 self.hooked_attention_rows(&span.site(layer), &rows, window, &mut batch[i], out)?;
             } else {
@@ -561,6 +563,10 @@ impl Decoder {
         }
         let mut outputs = vec![0f32; plain.len() * q_width];
         cpu_attention::attend_all(&plain, window, &mut outputs);
+        if plain_rows.iter().copied().eq(0..batch_rows) {
+            return Ok(outputs);
+        }
+        attn.resize(batch_rows * q_width, 0.0);
         for (row, out) in plain_rows.into_iter().zip(outputs.chunks_exact(q_width)) {
             attn[row * q_width..(row + 1) * q_width].copy_from_slice(out);
         }
