@@ -348,7 +348,7 @@ impl QuantMatrix {
             let mut pair_out = [[0f32; GROUP]; 2];
             let mut single_out = [[0f32; GROUP]; 1];
             #[cfg(target_arch = "x86_64")]
-            let mut unpacked = x86::avx512_lanes::UnpackedGroup::default();
+            let mut unpacked = UNPACKED.take();
             for g in groups {
                 #[cfg(target_arch = "x86_64")]
                 for (c, a) in lane_acts.iter().enumerate() {
@@ -390,6 +390,8 @@ impl QuantMatrix {
                     write(i, g, &single_out[0]);
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            UNPACKED.set(unpacked);
         });
     }
 
@@ -408,6 +410,14 @@ impl QuantMatrix {
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         self.matmul_with(Kernel::detected(), x, m, out)
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's unpacked row group, kept between matmuls: freeing it after every call
+    /// cost ~1.5% of a 16-row decode profile.
+    static UNPACKED: std::cell::Cell<x86::avx512_lanes::UnpackedGroup> =
+        std::cell::Cell::new(x86::avx512_lanes::UnpackedGroup::default());
 }
 
 /// Rows quantized on the calling thread; larger batches are split over the CPU workers.
