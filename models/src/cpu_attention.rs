@@ -285,6 +285,8 @@ fn prefetch_row<T>(row: &[T]) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(line)) };
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
 }
 
 /// Attention of query rows (of one or several sequences, each with its own cache), every
