@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
+mod prefetch;
 pub mod quant;
 mod rms_norm;
 pub mod rope;

@@ -8,19 +8,16 @@
 use super::blocks::{ActBlock, ByteGroup, NibbleGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Asks for the cache lines of block `b + blocks` of `w`: the same block of the next row group
-/// (groups lie back to back, `blocks` blocks each), so that its weights are on their way from
-/// L3 while this group's are multiplied. The hardware prefetcher alone left the kernels waiting:
-/// a decode step of the default model took 5.8 ms for one row and 18 ms for 16 without this,
-/// 3.2 ms and 15 ms with it. Past
-/// the last group the address lies outside the weights, which a prefetch may name (it never
-/// faults).
+/// Asks for block `b + blocks` of `w`: the same block of the next row group (groups lie back to
+/// back, `blocks` blocks each; past the last group the address lies outside the weights, which
+/// a prefetch may name), so that its weights are on their way from L3 while this group's are
+/// multiplied. The hardware prefetcher alone left the kernels waiting: a decode step of the
+/// default model took 5.8 ms for one row and 18 ms for 16 without this, 3.2 ms and 15 ms with
+/// it.
 #[inline(always)]
-unsafe fn prefetch_next_group<T>(w: &[T], b: usize, blocks: usize) {
-    let p = w.as_ptr().wrapping_add(b + blocks) as *const i8;
-    for line in (0..std::mem::size_of::<T>()).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
-    }
+fn prefetch_next_group<T>(w: &[T], b: usize, blocks: usize) {
+    let next = w.as_ptr().wrapping_add(b + blocks) as *const u8;
+    crate::prefetch::prefetch(next, std::mem::size_of::<T>());
 }
 
 /// Generates the kernels of one instruction set. `dot_acc` adds the products of unsigned bytes
