@@ -65,6 +65,14 @@ pub struct StepOutput {
     pub prompt_tokens: Option<usize>,
 }
 
+/// The token picked from a step's logits, before the stop rules see it.
+#[derive(Debug)]
+pub struct Choice {
+    token: u32,
+    logprob: Option<TokenLogprob>,
+    token_scores: Option<Vec<(u32, f32)>>,
+}
+
 pub struct Sequence {
     params: GenerationParams,
     sampler: Sampler,
@@ -146,6 +154,14 @@ impl Sequence {
 
     /// Samples the next token from the last position's logits and applies the stop rules.
     pub fn on_logits(&mut self, logits: &[f32], tokenizer: &TextTokenizer) -> Result<StepOutput> {
+        let choice = self.choose(logits);
+        self.accept(choice, tokenizer)
+    }
+
+    /// The next token from the last position's logits, with the log-probabilities asked for:
+    /// all the work on the logits row, and only that (no detokenizing, no state change but the
+    /// sampler's), so that a scheduler can choose for many sequences at once.
+    pub fn choose(&mut self, logits: &[f32]) -> Choice {
         let scoring = self.generated.is_empty() && !self.params.score_tokens.is_empty();
         let row = (self.params.logprobs.is_some() || scoring).then(|| log_softmax(logits));
         let token_scores = scoring.then(|| {
@@ -164,7 +180,6 @@ impl Sequence {
         } else {
             self.sampler.sample(logits)
         };
-        self.generated.push(token);
         let logprob = self
             .params
             .logprobs
@@ -174,7 +189,21 @@ impl Sequence {
                 logprob: row[token as usize],
                 top: top_n(row, n),
             });
+        Choice {
+            token,
+            logprob,
+            token_scores,
+        }
+    }
 
+    /// Takes the token [`Self::choose`] picked and applies the stop rules.
+    pub fn accept(&mut self, choice: Choice, tokenizer: &TextTokenizer) -> Result<StepOutput> {
+        let Choice {
+            token,
+            logprob,
+            token_scores,
+        } = choice;
+        self.generated.push(token);
         let mut out = StepOutput {
             token,
             logprob,

@@ -6,6 +6,7 @@
 //! step. Compute runs on this dedicated thread, never on the async runtime.
 
 mod prefix_cache;
+mod sample;
 mod step;
 mod timed_hooks;
 
@@ -16,6 +17,7 @@ use attune_models::vision::RgbImage;
 use attune_models::{HookStack, KvCache, Model, SequenceHooks};
 use candle_core::{Result as CandleResult, Tensor, TensorId};
 use prefix_cache::PrefixCache;
+use sample::choose_all;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -439,31 +441,35 @@ impl Scheduler {
         };
         let now = Instant::now();
         let mut still_running = Vec::with_capacity(batch);
-        let running = std::mem::take(&mut self.running);
-        for (mut r, logits) in running.into_iter().zip(logits) {
-            let logits = match logits {
+        // Each sequence with logits: the row its sampler reads, or why it failed.
+        let mut sampled = Vec::with_capacity(batch);
+        for (mut r, logits) in std::mem::take(&mut self.running).into_iter().zip(logits) {
+            let row = match logits {
+                // Still prefilling a long prompt: nothing to sample yet.
                 Ok(None) => {
-                    // Still prefilling a long prompt: nothing to sample yet.
                     still_running.push(r);
                     continue;
                 }
-                Ok(Some(logits)) => Ok(logits),
-                Err(e) => Err(e),
-            };
-            // The prompt just finished prefilling: keep its cache for later prompts.
-            if r.shares_prefix && logits.is_ok() && r.seq.generated().is_empty() {
-                if let Err(e) = self.prefix_cache.insert(r.seq.prompt(), r.seq.cache()) {
-                    tracing::warn!(model = %self.model_id, "keeping a prompt's cache failed: {e}");
+                Ok(Some(logits)) => {
+                    // The prompt just finished prefilling: keep its cache for later prompts.
+                    if r.shares_prefix && r.seq.generated().is_empty() {
+                        if let Err(e) = self.prefix_cache.insert(r.seq.prompt(), r.seq.cache()) {
+                            tracing::warn!(model = %self.model_id, "keeping a prompt's cache failed: {e}");
+                        }
+                    }
+                    apply_processors(&self.model, &mut r, logits).map_err(|e| e.to_string())
                 }
-            }
-            let mut output = logits
-                .and_then(|row| apply_processors(&self.model, &mut r, row))
-                .map_err(|e| e.to_string())
-                .and_then(|row| {
-                    r.seq
-                        .on_logits(&row, &self.model.tokenizer)
-                        .map_err(|e| e.to_string())
-                });
+                Err(e) => Err(e.to_string()),
+            };
+            sampled.push((r, row));
+        }
+        let choices = choose_all(&mut sampled);
+        for ((mut r, _), choice) in sampled.into_iter().zip(choices) {
+            let mut output = choice.and_then(|choice| {
+                r.seq
+                    .accept(choice, &self.model.tokenizer)
+                    .map_err(|e| e.to_string())
+            });
             if let Ok(output) = &mut output {
                 output.intervention_report = r.report.take();
                 output.prompt_tokens = r.replaced_prompt.take();
