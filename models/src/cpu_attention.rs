@@ -422,7 +422,7 @@ fn weigh_values(query: &QueryRow<'_>, h: usize, probs: &[f32], acc: &mut [f32]) 
 fn for_each_head(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let heads = out.len() / width;
     let base = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
+    crate::parallel::for_each_chunk(heads, |range| {
         for h in range {
             // SAFETY: each head is in exactly one chunk, so rows handed out never overlap, and
             // `out` outlives the call.

@@ -29,7 +29,7 @@ impl CustomOp1 for SwiGlu {
         let mut out = Vec::with_capacity(rows * ffn);
         let out_addr = out.spare_capacity_mut().as_mut_ptr() as usize;
         let per_row = ffn.div_ceil(CHUNK);
-        candle_core::utils::barrier_pool().execute_chunked(rows * per_row, |items| {
+        crate::parallel::for_each_chunk(rows * per_row, |items| {
             for item in items {
                 let (row, first) = (item / per_row, item % per_row * CHUNK);
                 let len = CHUNK.min(ffn - first);

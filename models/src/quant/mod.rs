@@ -343,7 +343,7 @@ impl QuantMatrix {
         let full = lane_rows + (m - lane_rows) / BATCH * BATCH;
         // Two or three rows left over: two of them share the unpacking too.
         let paired = if m - full >= 2 { full + 2 } else { full };
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GROUP), |groups| {
+        crate::parallel::for_each_chunk(n.div_ceil(GROUP), |groups| {
             let mut batch_out = [[0f32; GROUP]; BATCH];
             let mut pair_out = [[0f32; GROUP]; 2];
             let mut single_out = [[0f32; GROUP]; 1];
@@ -432,7 +432,7 @@ fn quantize_lanes(x: &[f32], m: usize, per_row: usize) -> Vec<x86::avx512_lanes:
     let (chunks, cols) = (m.div_ceil(LANES), per_row * BLOCK);
     let mut lanes: Vec<LaneBlock> = Vec::with_capacity(chunks * per_row);
     let lanes_addr = lanes.spare_capacity_mut().as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(chunks * per_row, |items| {
+    crate::parallel::for_each_chunk(chunks * per_row, |items| {
         let mut blocks = [ActBlock::default(); LANES];
         for item in items {
             let (c, b) = (item / per_row, item % per_row);
@@ -470,7 +470,7 @@ fn quantize_rows(kernel: Kernel, x: &[f32], m: usize, per_row: usize) -> Vec<Act
         return acts;
     }
     let (cols, acts_addr) = (per_row * BLOCK, acts.as_mut_ptr() as usize);
-    candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+    crate::parallel::for_each_chunk(m, |rows| {
         // SAFETY: each row belongs to exactly one chunk, so the blocks handed out never
         // overlap, and `acts` outlives the call.
         let acts = unsafe {
