@@ -153,6 +153,12 @@ impl KvCache {
         Ok(())
     }
 
+    /// Room in `layer` for `rows` positions after the cached ones, so that writing them
+    /// allocates nothing.
+    pub(crate) fn reserve_rows(&mut self, layer: usize, rows: usize) -> Result<()> {
+        self.reserve(layer, self.len + rows).map(|_| ())
+    }
+
     /// The buffers of `layer`, allocated, with room for `needed` positions.
     fn reserve(&mut self, layer: usize, needed: usize) -> Result<&LayerKv> {
         if needed > self.capacity {
