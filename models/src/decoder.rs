@@ -471,38 +471,37 @@ impl Decoder {
         // way into the cache. Room in every cache first (growing one allocates), then each
         // sequence's rows over the CPU workers: with a decode row per sequence, the rotations
         // and cache writes of 16 sequences were ~2% of a step on the thread the workers wait for.
-        let total: usize = chosen.iter().map(|&i| spans[i].len).sum();
-        let mut q = vec![0f32; total * q_width];
         let mut writes = Vec::with_capacity(chosen.len());
-        let mut unclaimed = q.as_mut_slice();
         for ((step, span), _) in batch.iter_mut().zip(spans).zip(direct).filter(|(_, &d)| d) {
             step.cache.reserve_rows(layer, span.len)?;
-            let (rows, rest) = std::mem::take(&mut unclaimed).split_at_mut(span.len * q_width);
-            unclaimed = rest;
-            writes.push(Mutex::new((&mut *step.cache, span, rows, Ok(()))));
+            writes.push(Mutex::new((&mut *step.cache, span, Vec::new(), Ok(()))));
         }
         crate::parallel::for_each_chunk(writes.len(), |range| {
             for write in &writes[range] {
                 let mut write = write.lock().unwrap_or_else(|e| e.into_inner());
-                let (cache, span, q_out, result) = &mut *write;
-                let mut keys = vec![0f32; span.len * kv_width];
-                let rotated = q_out
-                    .chunks_exact_mut(q_width)
-                    .zip(keys.chunks_exact_mut(kv_width));
-                for (r, (q_row, k_row)) in rotated.enumerate() {
-                    q_row.copy_from_slice(q_rows.row(span.row + r));
-                    self.rope.apply_row(q_row, &span.rope, r);
-                    k_row.copy_from_slice(k_rows.row(span.row + r));
-                    self.rope.apply_row(k_row, &span.rope, r);
+                let (cache, span, q, result) = &mut *write;
+                q.reserve_exact(span.len * q_width);
+                let mut keys = Vec::with_capacity(span.len * kv_width);
+                for r in 0..span.len {
+                    for (rotated, from) in [(&mut *q, &q_rows), (&mut keys, &k_rows)] {
+                        let at = rotated.len();
+                        rotated.extend_from_slice(from.row(span.row + r));
+                        self.rope.apply_row(&mut rotated[at..], &span.rope, r);
+                    }
                 }
                 let values: Vec<&[f32]> = (0..span.len).map(|r| v_rows.row(span.row + r)).collect();
                 let keys: Vec<&[f32]> = keys.chunks_exact(kv_width).collect();
                 *result = cache.append_rows(layer, &keys, &values);
             }
         });
-        for write in writes {
-            write.into_inner().unwrap_or_else(|e| e.into_inner()).3?;
-        }
+        // Each direct sequence's rotated query rows, in batch order.
+        let rotated = writes
+            .into_iter()
+            .map(|write| {
+                let (_, _, q, result) = write.into_inner().unwrap_or_else(|e| e.into_inner());
+                result.map(|()| q)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let buffers = chosen
             .iter()
             .map(|&i| {
@@ -517,17 +516,16 @@ impl Decoder {
             .map(|(k, v)| Ok((k.storage_and_layout(), v.storage_and_layout(), k.dim(1)?)))
             .collect::<Result<_>>()?;
         // Each direct sequence's query rows.
-        let mut q_rows = q.chunks_exact(q_width);
         let mut queries = Vec::with_capacity(chosen.len());
-        for (&i, ((k_storage, k_layout), (v_storage, v_layout), capacity)) in
-            chosen.iter().zip(&storages)
+        for ((&i, q), ((k_storage, k_layout), (v_storage, v_layout), capacity)) in
+            chosen.iter().zip(&rotated).zip(&storages)
         {
             let cache = (
                 cpu_kv(k_storage, k_layout)?,
                 cpu_kv(v_storage, v_layout)?,
                 *capacity,
             );
-            let rows = q_rows.by_ref().take(spans[i].len);
+            let rows = q.chunks_exact(q_width);
             queries.push(self.row_queries(rows, cache, None, spans[i].start));
         }
         let window = self.cfg.sliding_window;
