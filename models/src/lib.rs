@@ -14,7 +14,7 @@ pub mod hooks;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
-mod parallel;
+pub mod parallel;
 mod prefetch;
 pub mod quant;
 mod rms_norm;

@@ -17,7 +17,7 @@ thread_local! {
 /// Runs `f` on disjoint ranges that together cover `0..n`, on the pool's threads and the
 /// calling one (a single item on the calling one alone). Not for code that runs inside one of
 /// candle's own pool calls: the pool would wait on itself.
-pub(crate) fn for_each_chunk(n: usize, f: impl Fn(Range<usize>) + Sync) {
+pub fn for_each_chunk(n: usize, f: impl Fn(Range<usize>) + Sync) {
     if n == 0 {
         return;
     }

@@ -179,7 +179,7 @@ impl LogitsProcessor for DolaProcessor {
         // Each candidate's divergence on its own CPU worker: ~2·vocabulary exp/ln in f64 each.
         let mut divergences = vec![0f64; premature.len()];
         let at = divergences.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(premature.len(), |candidates| {
+        attune_models::parallel::for_each_chunk(premature.len(), |candidates| {
             for c in candidates {
                 let js = js_divergence(&mature, &mature_probs, &premature[c]);
                 // SAFETY: c < premature.len() = divergences.len(), and each candidate belongs

@@ -31,7 +31,7 @@ pub(super) fn choose_all(
                     chosen: None,
                 }));
             }
-            Err(e) => results.push(Some(Err(e.clone()))),
+            Err(e) => results.push(Some(Err(std::mem::take(e)))),
         }
     }
     let choose = |item: &Mutex<Sampling<'_>>| {
@@ -40,15 +40,11 @@ pub(super) fn choose_all(
         let chosen = row.read(|values| seq.choose(values));
         item.chosen = Some(chosen.map_err(|e| e.to_string()));
     };
-    // Sampling is plain Rust: it never calls back into candle, whose pool is not reentrant
-    // from this thread.
-    if work.len() > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(work.len(), |range| {
-            work[range].iter().for_each(choose);
-        });
-    } else {
-        work.iter().for_each(choose);
-    }
+    // Sampling is plain Rust: no call into candle's pool from inside a chunk (see
+    // `for_each_chunk`).
+    attune_models::parallel::for_each_chunk(work.len(), |range| {
+        work[range].iter().for_each(choose)
+    });
     let mut chosen = work.into_iter().map(|item| {
         item.into_inner()
             .unwrap_or_else(|e| e.into_inner())
