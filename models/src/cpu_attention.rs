@@ -8,7 +8,7 @@
 
 use crate::exp::exp;
 #[cfg(target_arch = "x86_64")]
-use crate::exp::has_avx2_fma;
+use crate::exp::{has_avx2_fma, has_avx512};
 use crate::prefetch::prefetch;
 
 /// Whether the AVX2 lanes of attention can run (they also convert f16 cache values).
@@ -23,6 +23,15 @@ use crate::hooks::HeadRowRewrite;
 pub(crate) enum KvValues<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
+}
+
+impl KvValues<'_> {
+    fn value_bytes(&self) -> usize {
+        match self {
+            KvValues::F32(_) => 4,
+            KvValues::F16(_) => 2,
+        }
+    }
 }
 
 /// One query row's attention inputs (a decode step's row or a prompt row); K and V are whole
@@ -127,6 +136,18 @@ impl QueryRow<'_> {
         }
         scores.clear();
         scores.resize(group * n, 0.0);
+        // The first value rows arrive while the scores are computed.
+        for j in 0..n.min(PREFETCH_KEYS) {
+            let row = match self.v {
+                KvValues::F32(v) => {
+                    self.row(v, kv_head, self.key_position(kv_head, j)).as_ptr() as *const u8
+                }
+                KvValues::F16(v) => {
+                    self.row(v, kv_head, self.key_position(kv_head, j)).as_ptr() as *const u8
+                }
+            };
+            prefetch(row, self.head_dim * self.v.value_bytes());
+        }
         match self.k {
             KvValues::F32(k) => self.group_scores::<L, f32>(k, kv_head, scores),
             KvValues::F16(k) => self.group_scores::<L, half::f16>(k, kv_head, scores),
@@ -217,7 +238,16 @@ impl QueryRow<'_> {
         out: &mut [f32],
     ) {
         let (group, n, hd) = (self.heads / self.kv_heads, self.n_keys(), self.head_dim);
-        let row = |j: usize| self.row(v, kv_head, self.key_position(kv_head, j));
+        let value = |j: usize| self.row(v, kv_head, self.key_position(kv_head, j));
+        // Each row asks for the one PREFETCH_KEYS ahead (the first ones were asked for before
+        // the scores).
+        let row = |j: usize| {
+            if j + PREFETCH_KEYS < n {
+                let ahead = value(j + PREFETCH_KEYS);
+                prefetch(ahead.as_ptr() as *const u8, std::mem::size_of_val(ahead));
+            }
+            value(j)
+        };
         let mut done = 0;
         while done < group {
             let tile = HEAD_TILE.min(group - done);
@@ -263,6 +293,30 @@ impl QueryRow<'_> {
     ) {
         self.attend_group::<Avx2>(kv_head, window, scores, out)
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn head_scores_avx512(&self, h: usize, row: &mut [f32]) {
+        self.head_scores::<Avx512>(h, row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn head_values_avx512(&self, h: usize, probs: &[f32], acc: &mut [f32]) {
+        self.head_values::<Avx512>(h, probs, acc)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn attend_group_avx512(
+        &self,
+        kv_head: usize,
+        window: Option<usize>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        self.attend_group::<Avx512>(kv_head, window, scores, out)
+    }
 }
 
 /// Query heads that share a KV head processed together, at most (about what the sixteen
@@ -289,11 +343,16 @@ pub(crate) fn attend_all(queries: &[QueryRow<'_>], window: Option<usize>, out: &
         .all(|q| (q.heads, q.kv_heads, q.head_dim) == (heads, kv_heads, head_dim)));
     assert_eq!(out.len(), queries.len() * heads * head_dim, "output size");
     #[cfg(target_arch = "x86_64")]
-    let simd = has_simd();
+    let (simd, wide) = (has_simd(), has_avx512());
     // A KV head's query heads are consecutive, so their outputs are one slice of the row's.
     for_each_head(out, head_dim * heads / kv_heads, |item, acc| {
         let (query, kv_head) = (&queries[item / kv_heads], item % kv_heads);
         SCRATCH.with_borrow_mut(|scores| {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX-512 F, AVX2, FMA and F16C.
+                return unsafe { query.attend_group_avx512(kv_head, window, scores, acc) };
+            }
             #[cfg(target_arch = "x86_64")]
             if simd {
                 // SAFETY: the CPU has AVX2, FMA and F16C.
@@ -399,6 +458,11 @@ thread_local! {
 /// Scaled scores q·k / √head_dim of head `h` of `query` for each key it sees, into `row`.
 fn score_keys(query: &QueryRow<'_>, h: usize, row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F, AVX2, FMA and F16C.
+        return unsafe { query.head_scores_avx512(h, row) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_simd() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { query.head_scores_avx2(h, row) };
@@ -409,6 +473,11 @@ fn score_keys(query: &QueryRow<'_>, h: usize, row: &mut [f32]) {
 /// `acc = Σ_j probs[j] · v_j` for head `h` of `query`.
 fn weigh_values(query: &QueryRow<'_>, h: usize, probs: &[f32], acc: &mut [f32]) {
     acc.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F, AVX2, FMA and F16C.
+        return unsafe { query.head_values_avx512(h, probs, acc) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_simd() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -443,6 +512,20 @@ pub(crate) trait KvValue: Copy + Sync + 'static {
     /// The CPU has AVX2 and F16C; eight values are readable at `p`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Eight values from `low` in lanes 0..8 and eight from `high` in lanes 8..16, as f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and F16C; eight values are readable at each pointer.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8x2(low: *const Self, high: *const Self) -> std::arch::x86_64::__m512;
+
+    /// Sixteen values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; sixteen values are readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl KvValue for f32 {
@@ -456,6 +539,27 @@ impl KvValue for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's promise.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(low: *const Self, high: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise. (As f64 lanes: inserting eight f32 lanes needs DQ.)
+        unsafe {
+            let low = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low)));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                low,
+                _mm256_castps_pd(_mm256_loadu_ps(high)),
+            ))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's promise.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -471,6 +575,28 @@ impl KvValue for half::f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's promise.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(low: *const Self, high: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise.
+        unsafe {
+            let low = _mm256_castsi128_si256(_mm_loadu_si128(low as *const __m128i));
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                low,
+                _mm_loadu_si128(high as *const __m128i),
+            ))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }
 
@@ -771,6 +897,193 @@ impl Lanes for Avx2 {
     }
 }
 
+/// AVX-512 registers with the AVX2 lanes' arithmetic: a dot product keeps each key's eight
+/// running sums (two keys side by side in a register), values and softmax take sixteen lanes at
+/// a time with each lane's operations unchanged, so the floats are the other implementations'.
+/// Only reached from `#[target_feature(enable = "avx2,fma,f16c,avx512f")]` functions called
+/// after detecting those features.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512 {
+    #[inline(always)]
+    fn dot4<T: KvValue>(q: &[f32], keys: [&[T]; 4]) -> [f32; 4] {
+        let [dots] = Self::dot4_heads::<T, 1>([q], keys);
+        dots
+    }
+
+    #[inline(always)]
+    fn dot4_heads<T: KvValue, const H: usize>(q: [&[f32]; H], keys: [&[T]; 4]) -> [[f32; 4]; H] {
+        use std::arch::x86_64::*;
+        let len = keys[0].len();
+        assert!(keys.iter().all(|k| k.len() == len) && q.iter().all(|q| q.len() == len));
+        let whole = len / 8 * 8;
+        // SAFETY: AVX-512 F, AVX2, FMA and F16C are present (see the type's comment); loads stay
+        // below `whole`.
+        unsafe {
+            // Per head: keys 0 and 1 side by side, then keys 2 and 3.
+            let mut pairs = [[_mm512_setzero_ps(); 2]; H];
+            for c in (0..whole).step_by(8) {
+                let k01 = T::load8x2(keys[0].as_ptr().add(c), keys[1].as_ptr().add(c));
+                let k23 = T::load8x2(keys[2].as_ptr().add(c), keys[3].as_ptr().add(c));
+                for (pairs, q) in pairs.iter_mut().zip(&q) {
+                    // The head's eight values in both halves.
+                    let qc = _mm256_castps_pd(_mm256_loadu_ps(q.as_ptr().add(c)));
+                    let qc = _mm512_castpd_ps(_mm512_broadcast_f64x4(qc));
+                    pairs[0] = _mm512_fmadd_ps(qc, k01, pairs[0]);
+                    pairs[1] = _mm512_fmadd_ps(qc, k23, pairs[1]);
+                }
+            }
+            // As in `Avx2::dot4`: plain loops, so that the intrinsics are inlined into them.
+            let mut dots = [[0f32; 4]; H];
+            for ((dots, pairs), q) in dots.iter_mut().zip(&pairs).zip(&q) {
+                let sums = sum_lanes_of_four(pairs[0], pairs[1]);
+                for (k, (dot, sum)) in dots.iter_mut().zip(sums).enumerate() {
+                    let mut tail = 0f32;
+                    for i in whole..len {
+                        tail = q[i].mul_add(keys[k][i].to_f32(), tail);
+                    }
+                    *dot = sum + tail;
+                }
+            }
+            dots
+        }
+    }
+
+    #[inline(always)]
+    fn add_weighted<'r, T: KvValue>(
+        acc: &mut [f32],
+        probs: &[f32],
+        row: impl Fn(usize) -> &'r [T],
+    ) {
+        Self::add_weighted_heads::<T, 1>(acc, [probs], row)
+    }
+
+    #[inline(always)]
+    fn add_weighted_heads<'r, T: KvValue, const H: usize>(
+        acc: &mut [f32],
+        probs: [&[f32]; H],
+        row: impl Fn(usize) -> &'r [T],
+    ) {
+        use std::arch::x86_64::*;
+        // 64 outputs of each head at a time: H × 4 running sums and a row's four registers.
+        const WIDTH: usize = 64;
+        let d = acc.len() / H;
+        if !d.is_multiple_of(WIDTH) {
+            return Avx2::add_weighted_heads(acc, probs, row);
+        }
+        let keys = probs[0].len();
+        assert!(probs.iter().all(|p| p.len() == keys));
+        for c in (0..d).step_by(WIDTH) {
+            // SAFETY: AVX-512 F, FMA and F16C are present; every row is `d` long (asserted) and
+            // each head's sums lie within `acc`, so every 64-value read and write is in bounds.
+            unsafe {
+                let mut sums = [[_mm512_setzero_ps(); 4]; H];
+                for (h, sums) in sums.iter_mut().enumerate() {
+                    for (r, sum) in sums.iter_mut().enumerate() {
+                        *sum = _mm512_loadu_ps(acc.as_ptr().add(h * d + c + 16 * r));
+                    }
+                }
+                for j in 0..keys {
+                    let values = row(j);
+                    assert_eq!(values.len(), d);
+                    let v: [__m512; 4] =
+                        std::array::from_fn(|r| T::load16(values.as_ptr().add(c + 16 * r)));
+                    for (sums, probs) in sums.iter_mut().zip(&probs) {
+                        let p = _mm512_set1_ps(*probs.get_unchecked(j));
+                        for (sum, v) in sums.iter_mut().zip(v) {
+                            *sum = _mm512_fmadd_ps(p, v, *sum);
+                        }
+                    }
+                }
+                for (h, sums) in sums.iter().enumerate() {
+                    for (r, sum) in sums.iter().enumerate() {
+                        _mm512_storeu_ps(acc.as_mut_ptr().add(h * d + c + 16 * r), *sum);
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let whole = row.len() / 16 * 16;
+        let at = row.as_mut_ptr();
+        // SAFETY: AVX-512 F and AVX2 are present (see the type's comment); every load and store
+        // is of sixteen values below `whole`.
+        unsafe {
+            let mut maxima = _mm512_set1_ps(f32::NEG_INFINITY);
+            for c in (0..whole).step_by(16) {
+                // A NaN value is skipped, as `f32::max` skips it.
+                maxima = _mm512_max_ps(_mm512_loadu_ps(at.add(c)), maxima);
+            }
+            let mut maxima_lanes = [0f32; 16];
+            _mm512_storeu_ps(maxima_lanes.as_mut_ptr(), maxima);
+            let max = row[whole..]
+                .iter()
+                .chain(&maxima_lanes)
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let offset = _mm512_set1_ps(max);
+            // Value j goes to lane j mod 8 in order: a register's low eight, then its high eight.
+            let mut sums = _mm256_setzero_ps();
+            for c in (0..whole).step_by(16) {
+                let e = crate::exp::avx512::exp(_mm512_sub_ps(_mm512_loadu_ps(at.add(c)), offset));
+                _mm512_storeu_ps(at.add(c), e);
+                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+                sums = _mm256_add_ps(_mm256_add_ps(sums, _mm512_castps512_ps256(e)), high);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+            for (j, x) in row[whole..].iter_mut().enumerate() {
+                *x = exp(*x - max);
+                lanes[j % 8] += *x;
+            }
+            let sum = sum_lanes(lanes);
+            let divisor = _mm512_set1_ps(sum);
+            for c in (0..whole).step_by(16) {
+                _mm512_storeu_ps(
+                    at.add(c),
+                    _mm512_div_ps(_mm512_loadu_ps(at.add(c)), divisor),
+                );
+            }
+            for x in &mut row[whole..] {
+                *x /= sum;
+            }
+        }
+    }
+}
+
+/// [`sum_lanes`] of four keys' eight running sums, held two keys to a register (`k01`: key 0
+/// in lanes 0..8, key 1 in 8..16; `k23` likewise), with the same additions in the same order.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum_lanes_of_four(
+    k01: std::arch::x86_64::__m512,
+    k23: std::arch::x86_64::__m512,
+) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512 F is present (the caller's promise).
+    unsafe {
+        // Each four-lane quarter plus its neighbour: (l0+l4, l1+l5, l2+l6, l3+l7) per key, twice.
+        let s01 = _mm512_add_ps(k01, _mm512_shuffle_f32x4::<0b10_11_00_01>(k01, k01));
+        let s23 = _mm512_add_ps(k23, _mm512_shuffle_f32x4::<0b10_11_00_01>(k23, k23));
+        // Quarters: key 0, key 2, key 1, key 3.
+        let s = _mm512_mask_blend_ps(0xF0F0, s01, s23);
+        let t = _mm512_add_ps(s, _mm512_permute_ps::<0b10_11_00_01>(s));
+        let u = _mm512_add_ps(t, _mm512_permute_ps::<0b01_00_11_10>(t));
+        let order = _mm512_setr_epi32(0, 8, 4, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut dots = [0f32; 4];
+        _mm_storeu_ps(
+            dots.as_mut_ptr(),
+            _mm512_castps512_ps128(_mm512_permutexvar_ps(order, u)),
+        );
+        dots
+    }
+}
+
 /// [`sum_lanes`] of a register: [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s1, _, s2+s3, _].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -785,6 +1098,12 @@ unsafe fn sum_lanes_avx2(l: std::arch::x86_64::__m256) -> f32 {
 /// tensor path, which never happens for a decode query (it always sees itself).
 fn softmax_rows(values: &mut [f32], n: usize) {
     for row in values.chunks_exact_mut(n) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has AVX-512 F, AVX2 and FMA.
+            unsafe { softmax_avx512(row) };
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA.
@@ -801,6 +1120,12 @@ fn softmax_avx2(row: &mut [f32]) {
     Avx2::softmax(row)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn softmax_avx512(row: &mut [f32]) {
+    Avx512::softmax(row)
+}
+
 /// The lane-order sum ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)) of eight running sums.
 fn sum_lanes(l: [f32; 8]) -> f32 {
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
@@ -812,31 +1137,46 @@ mod tests {
     use crate::testing::SeededRng;
 
     #[test]
-    fn avx2_lanes_give_the_portable_floats() {
-        if !has_simd() {
-            return;
+    fn simd_lanes_give_the_portable_floats() {
+        if has_simd() {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            unsafe { avx2_lanes_match() };
         }
+        if has_avx512() {
+            // SAFETY: the CPU has AVX-512 F, AVX2, FMA and F16C.
+            unsafe { avx512_lanes_match() };
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2_lanes_match() {
+        lanes_match_portable::<Avx2>("avx2")
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn avx512_lanes_match() {
+        lanes_match_portable::<Avx512>("avx512")
+    }
+
+    /// Every function of lanes `L` gives exactly the portable floats: dot products of one head
+    /// and of three sharing keys, weighted values of one head and of three, for f32 and f16
+    /// rows of several widths, and softmax of rows of several lengths (also padded with unseen
+    /// keys).
+    #[inline(always)]
+    fn lanes_match_portable<L: Lanes>(name: &str) {
         let mut rng = SeededRng::new(3);
         let mut values = |n: usize| (0..n).map(|_| rng.next_f32() - 0.5).collect::<Vec<f32>>();
-        for dim in [64, 128, 72, 5] {
-            let q = values(dim);
+        let half = |v: &[f32]| {
+            v.iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>()
+        };
+        let widened = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        for dim in [64, 128, 72, 40, 5] {
+            let q: Vec<Vec<f32>> = (0..3).map(|_| values(dim)).collect();
             let keys: Vec<Vec<f32>> = (0..4).map(|_| values(dim)).collect();
-            let keys = [&keys[0][..], &keys[1][..], &keys[2][..], &keys[3][..]];
-            assert_eq!(Avx2::dot4(&q, keys), Portable::dot4(&q, keys), "dim {dim}");
-            let probs = values(7);
-            let rows: Vec<Vec<f32>> = (0..7).map(|_| values(dim)).collect();
-            let (mut simd, mut portable) = (values(dim), vec![0f32; dim]);
-            portable.copy_from_slice(&simd);
-            Avx2::add_weighted(&mut simd, &probs, |j| &rows[j]);
-            Portable::add_weighted(&mut portable, &probs, |j| &rows[j]);
-            assert_eq!(simd, portable, "dim {dim}");
+            let keys32 = [&keys[0][..], &keys[1][..], &keys[2][..], &keys[3][..]];
             // An f16 cache: the same floats as its values converted to f32 first.
-            let half = |v: &[f32]| {
-                v.iter()
-                    .map(|&x| half::f16::from_f32(x))
-                    .collect::<Vec<_>>()
-            };
-            let widened = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
             let keys16: Vec<Vec<half::f16>> = keys.iter().map(|k| half(k)).collect();
             let keys16 = [
                 &keys16[0][..],
@@ -844,26 +1184,54 @@ mod tests {
                 &keys16[2][..],
                 &keys16[3][..],
             ];
-            let keys32: Vec<Vec<f32>> = keys16.iter().map(|k| widened(k)).collect();
-            let keys32 = [
-                &keys32[0][..],
-                &keys32[1][..],
-                &keys32[2][..],
-                &keys32[3][..],
+            let widened_keys: Vec<Vec<f32>> = keys16.iter().map(|k| widened(k)).collect();
+            let widened_keys = [
+                &widened_keys[0][..],
+                &widened_keys[1][..],
+                &widened_keys[2][..],
+                &widened_keys[3][..],
             ];
+            let heads = [&q[0][..], &q[1][..], &q[2][..]];
+            let portable32 = heads.map(|q| Portable::dot4(q, keys32));
+            let portable16 = heads.map(|q| Portable::dot4(q, widened_keys));
+            assert_eq!(L::dot4(heads[0], keys32), portable32[0], "{name} dim {dim}");
+            assert_eq!(L::dot4_heads(heads, keys32), portable32, "{name} dim {dim}");
             assert_eq!(
-                Avx2::dot4(&q, keys16),
-                Portable::dot4(&q, keys32),
-                "f16 dim {dim}"
+                L::dot4(heads[0], keys16),
+                portable16[0],
+                "{name} f16 dim {dim}"
             );
+            assert_eq!(
+                L::dot4_heads(heads, keys16),
+                portable16,
+                "{name} f16 dim {dim}"
+            );
+
+            let probs: Vec<Vec<f32>> = (0..3).map(|_| values(7)).collect();
+            let probs = [&probs[0][..], &probs[1][..], &probs[2][..]];
+            let rows: Vec<Vec<f32>> = (0..7).map(|_| values(dim)).collect();
             let rows16: Vec<Vec<half::f16>> = rows.iter().map(|r| half(r)).collect();
-            let rows32: Vec<Vec<f32>> = rows16.iter().map(|r| widened(r)).collect();
-            let (mut simd, mut portable) = (vec![0f32; dim], vec![0f32; dim]);
-            Avx2::add_weighted(&mut simd, &probs, |j| &rows16[j]);
-            Portable::add_weighted(&mut portable, &probs, |j| &rows32[j]);
-            assert_eq!(simd, portable, "f16 dim {dim}");
+            let widened_rows: Vec<Vec<f32>> = rows16.iter().map(|r| widened(r)).collect();
+            let start = values(3 * dim);
+            let mut portable = start.clone();
+            for (acc, probs) in portable.chunks_exact_mut(dim).zip(probs) {
+                Portable::add_weighted(acc, probs, |j| &rows[j]);
+            }
+            let mut simd = start.clone();
+            L::add_weighted(&mut simd[..dim], probs[0], |j| &rows[j]);
+            assert_eq!(simd[..dim], portable[..dim], "{name} dim {dim}");
+            let mut simd = start.clone();
+            L::add_weighted_heads(&mut simd, probs, |j| &rows[j]);
+            assert_eq!(simd, portable, "{name} dim {dim}");
+            let mut portable = vec![0f32; 3 * dim];
+            for (acc, probs) in portable.chunks_exact_mut(dim).zip(probs) {
+                Portable::add_weighted(acc, probs, |j| &widened_rows[j]);
+            }
+            let mut simd = vec![0f32; 3 * dim];
+            L::add_weighted_heads(&mut simd, probs, |j| &rows16[j]);
+            assert_eq!(simd, portable, "{name} f16 dim {dim}");
         }
-        for len in [1, 7, 8, 13, 64, 231] {
+        for len in [1, 7, 8, 13, 16, 29, 64, 231] {
             let mut portable: Vec<f32> = values(len).iter().map(|x| 30.0 * x).collect();
             if len > 1 {
                 portable[len / 2] = f32::NEG_INFINITY;
@@ -871,14 +1239,13 @@ mod tests {
             let mut simd = portable.clone();
             let mut padded = [&portable[..], &[f32::NEG_INFINITY; 11]].concat();
             Portable::softmax(&mut portable);
-            // SAFETY: the CPU has AVX2 and FMA.
-            unsafe { softmax_avx2(&mut simd) };
-            assert_eq!(simd, portable, "softmax of {len}");
-            Portable::softmax(&mut padded);
+            L::softmax(&mut simd);
+            assert_eq!(simd, portable, "{name} softmax of {len}");
+            L::softmax(&mut padded);
             assert_eq!(
                 padded[..len],
                 portable,
-                "softmax of {len} padded with unseen keys"
+                "{name} softmax of {len} padded with unseen keys"
             );
         }
     }
