@@ -25,15 +25,6 @@ pub(crate) enum KvValues<'a> {
     F16(&'a [half::f16]),
 }
 
-impl KvValues<'_> {
-    fn value_bytes(&self) -> usize {
-        match self {
-            KvValues::F32(_) => 4,
-            KvValues::F16(_) => 2,
-        }
-    }
-}
-
 /// One query row's attention inputs (a decode step's row or a prompt row); K and V are whole
 /// cache buffers (kv_heads, capacity, head_dim) of which the first `key_len` rows per head are
 /// meaningful.
@@ -72,6 +63,23 @@ impl QueryRow<'_> {
     fn row<'b, T>(&self, buffer: &'b [T], kv_head: usize, position: usize) -> &'b [T] {
         let start = (kv_head * self.capacity + position) * self.head_dim;
         &buffer[start..start + self.head_dim]
+    }
+
+    /// Asks for the cache lines of key `j`'s row of `buffer`.
+    #[inline(always)]
+    fn prefetch_row(&self, buffer: KvValues<'_>, kv_head: usize, j: usize) {
+        let position = self.key_position(kv_head, j);
+        let (start, bytes) = match buffer {
+            KvValues::F32(b) => {
+                let row = self.row(b, kv_head, position);
+                (row.as_ptr() as *const u8, std::mem::size_of_val(row))
+            }
+            KvValues::F16(b) => {
+                let row = self.row(b, kv_head, position);
+                (row.as_ptr() as *const u8, std::mem::size_of_val(row))
+            }
+        };
+        prefetch(start, bytes);
     }
 
     #[inline(always)]
@@ -136,18 +144,6 @@ impl QueryRow<'_> {
         }
         scores.clear();
         scores.resize(group * n, 0.0);
-        // The first value rows arrive while the scores are computed.
-        for j in 0..n.min(PREFETCH_KEYS) {
-            let row = match self.v {
-                KvValues::F32(v) => {
-                    self.row(v, kv_head, self.key_position(kv_head, j)).as_ptr() as *const u8
-                }
-                KvValues::F16(v) => {
-                    self.row(v, kv_head, self.key_position(kv_head, j)).as_ptr() as *const u8
-                }
-            };
-            prefetch(row, self.head_dim * self.v.value_bytes());
-        }
         match self.k {
             KvValues::F32(k) => self.group_scores::<L, f32>(k, kv_head, scores),
             KvValues::F16(k) => self.group_scores::<L, half::f16>(k, kv_head, scores),
@@ -181,17 +177,20 @@ impl QueryRow<'_> {
             let tile = HEAD_TILE.min(group - done);
             let rows = &mut scores[done * self.n_keys()..(done + tile) * self.n_keys()];
             let first = kv_head * group + done;
+            // The first tile also asks for the value rows, read after every score is known.
+            let values = (done == 0).then_some(self.v);
             match tile {
-                3 => self.tile_scores::<L, T, 3>(k, kv_head, first, rows),
-                2 => self.tile_scores::<L, T, 2>(k, kv_head, first, rows),
-                _ => self.tile_scores::<L, T, 1>(k, kv_head, first, rows),
+                3 => self.tile_scores::<L, T, 3>(k, kv_head, first, rows, values),
+                2 => self.tile_scores::<L, T, 2>(k, kv_head, first, rows, values),
+                _ => self.tile_scores::<L, T, 1>(k, kv_head, first, rows, values),
             }
             done += tile;
         }
     }
 
     /// [`Self::head_scores_of`] for the `H` heads from `first` (all of KV head `kv_head`), into
-    /// `rows` (H × n_keys): each key row is read once for them all.
+    /// `rows` (H × n_keys): each key row is read once for them all. With `values`, each key's
+    /// value row is asked for as the key is scored.
     #[inline(always)]
     fn tile_scores<L: Lanes, T: KvValue, const H: usize>(
         &self,
@@ -199,6 +198,7 @@ impl QueryRow<'_> {
         kv_head: usize,
         first: usize,
         rows: &mut [f32],
+        values: Option<KvValues<'_>>,
     ) {
         let (n, hd) = (self.n_keys(), self.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -210,6 +210,11 @@ impl QueryRow<'_> {
                 for ahead in j + PREFETCH_KEYS..j + 4 + PREFETCH_KEYS {
                     let row = key(ahead);
                     prefetch(row.as_ptr() as *const u8, std::mem::size_of_val(row));
+                }
+            }
+            if let Some(values) = values {
+                for j in j..j + 4 {
+                    self.prefetch_row(values, kv_head, j);
                 }
             }
             let dots = L::dot4_heads(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
@@ -238,16 +243,7 @@ impl QueryRow<'_> {
         out: &mut [f32],
     ) {
         let (group, n, hd) = (self.heads / self.kv_heads, self.n_keys(), self.head_dim);
-        let value = |j: usize| self.row(v, kv_head, self.key_position(kv_head, j));
-        // Each row asks for the one PREFETCH_KEYS ahead (the first ones were asked for before
-        // the scores).
-        let row = |j: usize| {
-            if j + PREFETCH_KEYS < n {
-                let ahead = value(j + PREFETCH_KEYS);
-                prefetch(ahead.as_ptr() as *const u8, std::mem::size_of_val(ahead));
-            }
-            value(j)
-        };
+        let row = |j: usize| self.row(v, kv_head, self.key_position(kv_head, j));
         let mut done = 0;
         while done < group {
             let tile = HEAD_TILE.min(group - done);
