@@ -341,8 +341,17 @@ pub(crate) fn attend_all(queries: &[QueryRow<'_>], window: Option<usize>, out: &
     #[cfg(target_arch = "x86_64")]
     let (simd, wide) = (has_simd(), has_avx512());
     // A KV head's query heads are consecutive, so their outputs are one slice of the row's.
+    let items = queries.len() * kv_heads;
     for_each_head(out, head_dim * heads / kv_heads, |item, acc| {
         let (query, kv_head) = (&queries[item / kv_heads], item % kv_heads);
+        // The next item's first keys, which its own look-ahead does not cover, arrive while
+        // this one is computed (usually the same worker takes it next).
+        if item + 1 < items {
+            let (next, next_head) = (&queries[(item + 1) / kv_heads], (item + 1) % kv_heads);
+            for j in 0..next.n_keys().min(PREFETCH_KEYS) {
+                next.prefetch_row(next.k, next_head, j);
+            }
+        }
         SCRATCH.with_borrow_mut(|scores| {
             #[cfg(target_arch = "x86_64")]
             if wide {
