@@ -408,11 +408,15 @@ impl Decoder {
             }
             Tensor::from_vec(attn, (hidden.dim(0)?, width), &self.device)?
         };
-        let hidden = (hidden + layer.o.forward(&attn)?)?;
+        let hidden = layer.o.forward_add(&attn, &hidden)?;
         let x = self.rms_norm(&hidden, &layer.ffn_norm)?;
-        let mlp = layer.down.forward(&layer.gated(&x)?)?;
-        let mlp = self.row_hooks(mlp, spans, batch, HookPoint::MlpOutput, index)?;
-        let hidden = (hidden + mlp)?;
+        let gated = layer.gated(&x)?;
+        let hidden = if wants_row_hooks(batch, HookPoint::MlpOutput, index) {
+            let mlp = layer.down.forward(&gated)?;
+            (hidden + self.row_hooks(mlp, spans, batch, HookPoint::MlpOutput, index)?)?
+        } else {
+            layer.down.forward_add(&gated, &hidden)?
+        };
         self.row_hooks(hidden, spans, batch, HookPoint::Residual, index + 1)
     }
 
@@ -849,10 +853,7 @@ impl Decoder {
         point: HookPoint,
         layer: usize,
     ) -> Result<Tensor> {
-        if !batch
-            .iter()
-            .any(|s| s.hooks.as_ref().is_some_and(|h| h.wants(point, layer)))
-        {
+        if !wants_row_hooks(batch, point, layer) {
             return Ok(packed);
         }
         let mut parts = Vec::with_capacity(batch.len());
@@ -907,6 +908,13 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+/// Whether a hook of any sequence in the batch acts at `point` of `layer`.
+fn wants_row_hooks(batch: &[SequenceStep<'_>], point: HookPoint, layer: usize) -> bool {
+    batch
+        .iter()
+        .any(|s| s.hooks.as_ref().is_some_and(|h| h.wants(point, layer)))
 }
 
 /// Rows of a 2-D f32 CPU tensor whose rows are contiguous (e.g. a column range of a wider

@@ -51,6 +51,15 @@ impl Linear {
         }
     }
 
+    /// `residual + self.forward(x)`: on our quantized kernels without a bias, in one pass
+    /// (each result added to its residual value as it is written), the same floats.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match (&self.weight, &self.bias) {
+            (Weight::Quant(w), None) => w.forward_add(x, residual),
+            _ => residual + self.forward(x)?,
+        }
+    }
+
     /// One projection computing all of `parts` (outputs side by side, in order) when they run on
     /// our quantized kernels in one format with matching biases; the parts become views of its
     /// storage, so memory is not doubled. `None` (parts untouched) when they cannot be fused.

@@ -176,6 +176,34 @@ fn a_rows_result_is_the_same_alone_or_in_a_batch() {
     }
 }
 
+/// A matmul that adds a residual as it writes gives the matmul's floats plus the residual, on
+/// every kernel and every way rows are batched (lanes, padded lanes, batches, pairs, singles;
+/// a partial last row group).
+#[test]
+fn matmul_add_is_the_matmul_then_the_addition() {
+    let mut rng = SeededRng::new(19);
+    for format in FORMATS {
+        let matrix = random_matrix(&mut rng, 44, 96, format);
+        for m in [1, 2, 7, 12, 16, 21, 22] {
+            let x: Vec<f32> = (0..m * 96).map(|_| rng.next_f32() - 0.5).collect();
+            let residual: Vec<f32> = (0..m * 44).map(|_| 4.0 * (rng.next_f32() - 0.5)).collect();
+            for kernel in Kernel::available() {
+                let mut product = vec![0f32; m * 44];
+                matrix.matmul_with(kernel, &x, m, &mut product);
+                let expected: Vec<u32> = residual
+                    .iter()
+                    .zip(&product)
+                    .map(|(r, p)| (r + p).to_bits())
+                    .collect();
+                let mut fused = vec![f32::NAN; m * 44];
+                matrix.matmul_add_with(kernel, &x, m, &residual, &mut fused);
+                let fused: Vec<u32> = fused.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(fused, expected, "{format:?} {kernel:?} m {m}");
+            }
+        }
+    }
+}
+
 /// Rows dequantized for embedding lookups are candle's dequantization, bit for bit.
 #[test]
 fn dequantized_rows_equal_candles() {

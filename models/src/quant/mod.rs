@@ -10,7 +10,7 @@ mod x86;
 
 pub use blocks::{quantize_row, ActBlock, ByteGroup, NibbleGroup, BLOCK, GROUP};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -291,17 +291,44 @@ impl QuantMatrix {
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         // SAFETY: f32 and MaybeUninit<f32> share their layout, and only f32 values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.matmul_into(kernel, x, m, out)
+        self.matmul_into(kernel, x, m, None, out)
     }
 
-    /// [`Self::matmul_with`] into memory that need not be initialized: every element of `out`
-    /// is written.
-    fn matmul_into(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>]) {
+    /// `out` = `residual` + `x` · selfᵀ (all (m, rows) but x), each sum formed as its result is
+    /// written: the floats of [`Self::matmul`] then an addition, in one pass.
+    pub fn matmul_add_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        residual: &[f32],
+        out: &mut [f32],
+    ) {
+        // SAFETY: as in `matmul_with`.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.matmul_into(kernel, x, m, Some(residual), out)
+    }
+
+    /// [`Self::matmul_with`] into memory that need not be initialized (every element of `out`
+    /// is written), plus `residual` when given.
+    fn matmul_into(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         assert_eq!(x.len(), m * self.cols, "activation size");
         assert_eq!(out.len(), m * self.rows, "output size");
+        assert!(
+            residual.is_none_or(|r| r.len() == out.len()),
+            "residual size"
+        );
         let per_row = self.cols / BLOCK;
         let n = self.rows;
         let out_addr = out.as_mut_ptr() as usize;
+        let residual_addr = residual.map_or(0, |r| r.as_ptr() as usize);
         // Writes activation row i's outputs for group g's rows that exist.
         // SAFETY: (i, row) is in bounds (asserted sizes, rows < n) and each group belongs to
         // exactly one chunk, so no two workers write the same element.
@@ -310,8 +337,13 @@ impl QuantMatrix {
             let len = GROUP.min(n - first);
             unsafe {
                 let at = (out_addr as *mut f32).add(i * n + first);
-                // A whole group is a fixed-size copy, not a call to memcpy.
-                if len == GROUP {
+                if residual_addr != 0 {
+                    let residual = (residual_addr as *const f32).add(i * n + first);
+                    for (k, value) in values.iter().enumerate().take(len) {
+                        at.add(k).write(*residual.add(k) + value);
+                    }
+                } else if len == GROUP {
+                    // A whole group is a fixed-size copy, not a call to memcpy.
                     (at as *mut [f32; GROUP]).write_unaligned(*values);
                 } else {
                     std::ptr::copy_nonoverlapping(values.as_ptr(), at, len);
@@ -358,10 +390,14 @@ impl QuantMatrix {
             for g in groups {
                 #[cfg(target_arch = "x86_64")]
                 for (c, a) in lane_acts.iter().enumerate() {
+                    let offset = c * x86::avx512_lanes::LANES * n + g * GROUP;
                     let out = x86::avx512_lanes::LanesOut {
                         // SAFETY: in bounds: activation row c·16 < m, weight row g·8 < n.
-                        at: unsafe {
-                            (out_addr as *mut f32).add(c * x86::avx512_lanes::LANES * n + g * GROUP)
+                        at: unsafe { (out_addr as *mut f32).add(offset) },
+                        residual: match residual_addr {
+                            0 => std::ptr::null(),
+                            // SAFETY: the residual has out's size (asserted).
+                            addr => unsafe { (addr as *const f32).add(offset) },
                         },
                         stride: n,
                         rows: GROUP.min(n - g * GROUP),
@@ -538,6 +574,7 @@ impl CustomOp1 for QuantMatMul {
             Kernel::detected(),
             x,
             m,
+            None,
             &mut out.spare_capacity_mut()[..len],
         );
         // SAFETY: `matmul_into` wrote all `len` elements.
@@ -551,5 +588,66 @@ impl CustomOp1 for QuantMatMul {
 impl QuantMatMul {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    /// `residual + self.forward(x)` in one pass (see [`QuantMatrix::matmul_add_with`]).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op2_no_bwd(&residual.contiguous()?, &QuantMatMulAdd(self.0.clone()))
+    }
+}
+
+/// `residual + x · Wᵀ` with the residual added as each result is written (a residual stream's
+/// update without a separate addition over the whole output).
+struct QuantMatMulAdd(Arc<QuantMatrix>);
+
+impl CustomOp2 for QuantMatMulAdd {
+    fn name(&self) -> &'static str {
+        "quantized-matmul-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x_data), CpuStorage::F32(r_data)) = (x, residual) else {
+            candle_core::bail!("the quantized kernels take f32 activations");
+        };
+        let (Some((xa, xb)), Some((ra, rb))) = (
+            x_layout.contiguous_offsets(),
+            residual_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("the quantized kernels take contiguous activations");
+        };
+        let (x, residual) = (&x_data[xa..xb], &r_data[ra..rb]);
+        let cols = *x_layout.shape().dims().last().unwrap_or(&0);
+        if cols != self.0.cols {
+            candle_core::bail!(
+                "quantized matmul: input has {cols} features, weight takes {}",
+                self.0.cols
+            );
+        }
+        let m = x.len() / cols;
+        let shape = residual_layout.shape().clone();
+        if residual.len() != m * self.0.rows || shape.dims().last() != Some(&self.0.rows) {
+            candle_core::bail!(
+                "quantized matmul-add: residual of shape {shape:?} for {m} rows of {} outputs",
+                self.0.rows
+            );
+        }
+        let mut out = Vec::with_capacity(residual.len());
+        self.0.matmul_into(
+            Kernel::detected(),
+            x,
+            m,
+            Some(residual),
+            &mut out.spare_capacity_mut()[..residual.len()],
+        );
+        // SAFETY: `matmul_into` wrote every element.
+        unsafe { out.set_len(residual.len()) };
+        Ok((CpuStorage::F32(out), shape))
     }
 }

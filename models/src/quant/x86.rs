@@ -349,10 +349,12 @@ pub mod avx512_lanes {
 
     /// Where a group's results go: activation row j's value for weight row r at
     /// `at + j·stride + r`, for the group's first `rows` weight rows and the first `acts`
-    /// activation rows (the lanes past them are padding).
+    /// activation rows (the lanes past them are padding). With a `residual` (not null), each
+    /// value written is the one at the same offset from it plus the result.
     #[derive(Clone, Copy)]
     pub struct LanesOut {
         pub at: *mut f32,
+        pub residual: *const f32,
         pub stride: usize,
         pub rows: usize,
         pub acts: usize,
@@ -493,7 +495,12 @@ pub mod avx512_lanes {
             }
             for j in 0..out.acts {
                 for (r, row) in by_row.iter().enumerate().take(out.rows) {
-                    *out.at.add(j * out.stride + r) = row[j];
+                    let at = j * out.stride + r;
+                    *out.at.add(at) = if out.residual.is_null() {
+                        row[j]
+                    } else {
+                        *out.residual.add(at) + row[j]
+                    };
                 }
             }
             return;
@@ -527,12 +534,21 @@ pub mod avx512_lanes {
             for (half, lanes) in [low_lanes, high_lanes].into_iter().enumerate() {
                 let both = _mm512_permutex2var_ps(rows_0_3, lanes, rows_4_7);
                 let j = 8 * half + c;
+                let store = |j: usize, values: __m256| {
+                    let at = j * out.stride;
+                    let values = if out.residual.is_null() {
+                        values
+                    } else {
+                        _mm256_add_ps(_mm256_loadu_ps(out.residual.add(at)), values)
+                    };
+                    _mm256_storeu_ps(out.at.add(at), values);
+                };
                 if j < out.acts {
-                    _mm256_storeu_ps(out.at.add(j * out.stride), _mm512_castps512_ps256(both));
+                    store(j, _mm512_castps512_ps256(both));
                 }
                 if j + 4 < out.acts {
                     let upper = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(both));
-                    _mm256_storeu_ps(out.at.add((j + 4) * out.stride), _mm256_castpd_ps(upper));
+                    store(j + 4, _mm256_castpd_ps(upper));
                 }
             }
         }
