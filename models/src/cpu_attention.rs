@@ -208,8 +208,7 @@ impl QueryRow<'_> {
         for j in (0..whole).step_by(4) {
             if j + 4 + PREFETCH_KEYS <= n {
                 for ahead in j + PREFETCH_KEYS..j + 4 + PREFETCH_KEYS {
-                    let row = key(ahead);
-                    prefetch(row.as_ptr() as *const u8, std::mem::size_of_val(row));
+                    self.prefetch_row(self.k, kv_head, ahead);
                 }
             }
             if let Some(values) = values {
