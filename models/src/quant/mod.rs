@@ -553,21 +553,7 @@ impl CustomOp1 for QuantMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("the quantized kernels take f32 activations");
-        };
-        let Some(x) = layout.contiguous_offsets().map(|(a, b)| &data[a..b]) else {
-            candle_core::bail!("the quantized kernels take contiguous activations");
-        };
-        let dims = layout.shape().dims();
-        let cols = *dims.last().unwrap_or(&0);
-        if cols != self.0.cols {
-            candle_core::bail!(
-                "quantized matmul: input has {cols} features, weight takes {}",
-                self.0.cols
-            );
-        }
-        let m = x.len() / cols;
+        let (x, m) = activations(&self.0, storage, layout)?;
         let len = m * self.0.rows;
         let mut out = Vec::with_capacity(len);
         self.0.matmul_into(
@@ -579,10 +565,33 @@ impl CustomOp1 for QuantMatMul {
         );
         // SAFETY: `matmul_into` wrote all `len` elements.
         unsafe { out.set_len(len) };
-        let mut out_dims = dims.to_vec();
+        let mut out_dims = layout.shape().dims().to_vec();
         *out_dims.last_mut().expect("non-empty") = self.0.rows;
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
+}
+
+/// The activation rows of a candle op's input for `matrix`: the values of a contiguous f32
+/// tensor (.., matrix.cols) and how many rows of `cols` they hold.
+fn activations<'a>(
+    matrix: &QuantMatrix,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("the quantized kernels take f32 activations");
+    };
+    let Some(x) = layout.contiguous_offsets().map(|(a, b)| &data[a..b]) else {
+        candle_core::bail!("the quantized kernels take contiguous activations");
+    };
+    let cols = *layout.shape().dims().last().unwrap_or(&0);
+    if cols != matrix.cols {
+        candle_core::bail!(
+            "quantized matmul: input has {cols} features, weight takes {}",
+            matrix.cols
+        );
+    }
+    Ok((x, x.len() / cols))
 }
 
 impl QuantMatMul {
@@ -613,24 +622,13 @@ impl CustomOp2 for QuantMatMulAdd {
         residual: &CpuStorage,
         residual_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x_data), CpuStorage::F32(r_data)) = (x, residual) else {
-            candle_core::bail!("the quantized kernels take f32 activations");
+        let (x, m) = activations(&self.0, x, x_layout)?;
+        let (CpuStorage::F32(r_data), Some((ra, rb))) =
+            (residual, residual_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("quantized matmul-add: the residual must be contiguous f32");
         };
-        let (Some((xa, xb)), Some((ra, rb))) = (
-            x_layout.contiguous_offsets(),
-            residual_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("the quantized kernels take contiguous activations");
-        };
-        let (x, residual) = (&x_data[xa..xb], &r_data[ra..rb]);
-        let cols = *x_layout.shape().dims().last().unwrap_or(&0);
-        if cols != self.0.cols {
-            candle_core::bail!(
-                "quantized matmul: input has {cols} features, weight takes {}",
-                self.0.cols
-            );
-        }
-        let m = x.len() / cols;
+        let residual = &r_data[ra..rb];
         let shape = residual_layout.shape().clone();
         if residual.len() != m * self.0.rows || shape.dims().last() != Some(&self.0.rows) {
             candle_core::bail!(
