@@ -10,7 +10,7 @@ use std::sync::Arc;
 pub enum Weight {
     /// Candle's matmul: dense weights, GPU weights, and quantized formats with a candle kernel.
     Candle(QMatMul),
-    /// Q4_0, Q4_1 or Q8_0 on the CPU through our own SIMD kernels.
+    /// Q4_0, Q4_1, Q8_0, Q4_K or Q5_0 on the CPU through our own SIMD kernels.
     Quant(QuantMatMul),
 }
 

@@ -155,6 +155,7 @@ fn every_served_format_loads_and_computes_the_same_model() {
         (GgmlDType::Q8_0, 4e-2, 4e-2),
         (GgmlDType::Q6K, 8e-2, 4e-2),
         (GgmlDType::Q4K, 0.25, 4e-2),
+        (GgmlDType::Q5_0, 0.15, 4e-2),
         (GgmlDType::Q4_1, 0.25, 4e-2),
         (GgmlDType::Q4_0, 0.25, 4e-2),
     ];

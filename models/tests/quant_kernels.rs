@@ -78,6 +78,70 @@ fn kernels_match_candle_on_random_weights() {
     }
 }
 
+/// Q4_K (256-value super-blocks): whole super-blocks per row, weights of several magnitudes
+/// so that the sub-block scales and mins use their high bits too.
+#[test]
+fn q4k_kernels_match_candle_on_random_weights() {
+    let mut rng = SeededRng::new(23);
+    for (rows, cols, m, spread) in [
+        (64, 256, 1, 0.5),
+        (96, 768, 3, 2.0),
+        (33, 256, 17, 0.05),
+        (576, 1536, 8, 0.5),
+    ] {
+        let w = rng.tensor((rows, cols), spread, &Device::Cpu).unwrap();
+        check(QTensor::quantize(&w, GgmlDType::Q4K).unwrap(), m, &mut rng);
+    }
+}
+
+#[test]
+fn q5_0_kernels_match_candle_on_random_weights() {
+    let mut rng = SeededRng::new(31);
+    for (rows, cols, m) in [(64, 256, 1), (96, 576, 3), (33, 32, 17), (576, 1536, 8)] {
+        let w = rng.tensor((rows, cols), 0.5, &Device::Cpu).unwrap();
+        check(QTensor::quantize(&w, GgmlDType::Q5_0).unwrap(), m, &mut rng);
+    }
+}
+
+/// Q5_0 taken as Q8_0 bytes keeps every weight exactly.
+#[test]
+fn q5_0_weights_dequantize_to_candles_values() {
+    let w = SeededRng::new(37)
+        .tensor((24, 96), 1.0, &Device::Cpu)
+        .unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+    let reference = flat(&q.dequantize(&Device::Cpu).unwrap());
+    let ours = QuantMatrix::from_qtensor(&q)
+        .unwrap()
+        .expect("Q5_0 is served");
+    let mut row = vec![0f32; 96];
+    for r in 0..24 {
+        ours.dequantize_row(r, &mut row);
+        assert_eq!(&row[..], &reference[r * 96..(r + 1) * 96], "row {r}");
+    }
+}
+
+/// Rewriting Q4_K as Q4_1 blocks keeps every weight: dequantized, they are candle's Q4_K
+/// values up to the f16 rounding of each sub-block's scale and offset.
+#[test]
+fn q4k_weights_dequantize_to_candles_values() {
+    let mut rng = SeededRng::new(29);
+    let w = rng.tensor((40, 512), 1.0, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+    let reference = flat(&q.dequantize(&Device::Cpu).unwrap());
+    let ours = QuantMatrix::from_qtensor(&q)
+        .unwrap()
+        .expect("Q4_K is served");
+    let range = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let mut row = vec![0f32; 512];
+    for r in 0..40 {
+        ours.dequantize_row(r, &mut row);
+        let error = max_abs_diff(&row, &reference[r * 512..(r + 1) * 512]);
+        // 16 · (a scale's f16 rounding) + (an offset's), both below 2⁻¹¹ relative.
+        assert!(error <= 2e-3 * range, "row {r}: {error} of {range}");
+    }
+}
+
 #[test]
 fn kernels_match_candle_on_the_default_models_weights() {
     let mut gguf = GgufFile::open(&default_model_path()).unwrap();
@@ -136,7 +200,7 @@ fn formats_without_our_kernel_are_left_to_candle() {
     let w = SeededRng::new(5)
         .tensor((8, 256), 0.5, &Device::Cpu)
         .unwrap();
-    for format in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F16] {
+    for format in [GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
         let q = QTensor::quantize(&w, format).unwrap();
         assert!(
             QuantMatrix::from_qtensor(&q).unwrap().is_none(),

@@ -89,6 +89,79 @@ pub fn byte_group(rows: &[&[u8]]) -> ByteGroup {
     group
 }
 
+/// Values in a Q4_K super-block, and its bytes: d and dmin (f16), twelve bytes packing eight
+/// 6-bit sub-block scales and eight 6-bit mins, then 128 bytes of 4-bit values.
+pub const Q4K_VALUES: usize = 256;
+pub const Q4K_BYTES: usize = 144;
+
+/// Bytes of a GGML Q4_1 block (d, m, 16 bytes of nibbles).
+const Q4_1_BYTES: usize = 20;
+
+/// Q4_K rows (whole super-blocks) rewritten as Q4_1 blocks, which the nibble kernels take: each
+/// 32-value sub-block has value d·sc·q − dmin·min for 4-bit q, i.e. Q4_1's d'·q + m' with
+/// d' = d·sc and m' = −dmin·min. Those two are stored in f16 as Q4_1's are (relative rounding
+/// at most 2⁻¹¹, where the format's own 6-bit scales step by 1/63); the values are unchanged.
+pub fn q4k_as_q4_1(super_blocks: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(super_blocks.len() / Q4K_BYTES * 8 * Q4_1_BYTES);
+    for sb in super_blocks.chunks_exact(Q4K_BYTES) {
+        let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+        let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+        let packed: &[u8; 12] = sb[4..16].try_into().expect("12 scale bytes");
+        let qs = &sb[16..];
+        for sub in 0..8 {
+            let (scale, min) = q4k_scale_and_min(packed, sub);
+            out.extend_from_slice(&f16::from_f32(d * scale as f32).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(-dmin * min as f32).to_le_bytes());
+            // Sub-blocks 2k and 2k + 1 are the low and high nibbles of bytes 32k..32k + 32.
+            let shift = 4 * (sub % 2);
+            let value = |l: usize| (qs[32 * (sub / 2) + l] >> shift) & 0x0F;
+            out.extend((0..16).map(|j| value(j) | (value(j + 16) << 4)));
+        }
+    }
+    out
+}
+
+/// Bytes of a GGML Q5_0 block (d, 32 high bits, 16 bytes of low nibbles) and of a Q8_0 block.
+pub const Q5_0_BYTES: usize = 22;
+const Q8_0_BYTES: usize = 34;
+
+/// Q5_0 blocks rewritten as Q8_0 blocks, which the byte kernels take: value d·(q − 16) for 5-bit
+/// q is Q8_0's d·q' with q' = q − 16 in −16..=15, so d and every value are kept exactly.
+pub fn q5_0_as_q8_0(blocks: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(blocks.len() / Q5_0_BYTES * Q8_0_BYTES);
+    for block in blocks.chunks_exact(Q5_0_BYTES) {
+        out.extend_from_slice(&block[..2]);
+        let high_bits = u32::from_le_bytes(block[2..6].try_into().expect("four bytes"));
+        let qs = &block[6..];
+        // Value j's low four bits are byte j's low nibble (j < 16) or byte j − 16's high one;
+        // its fifth bit is bit j of the 32 high bits.
+        out.extend((0..32).map(|j| {
+            let low = if j < 16 {
+                qs[j] & 0x0F
+            } else {
+                qs[j - 16] >> 4
+            };
+            let fifth = ((high_bits >> j) & 1) as u8;
+            ((low | (fifth << 4)) as i8 - 16) as u8
+        }));
+    }
+    out
+}
+
+/// Sub-block `j`'s 6-bit scale and min: the first four pairs are the low six bits of bytes
+/// j and j + 4; the last four take four bits from byte j + 4 and their top two bits from the
+/// spare top bits of bytes j − 4 (scale) and j (min).
+fn q4k_scale_and_min(packed: &[u8; 12], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        (
+            (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
+            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+        )
+    }
+}
+
 /// Values of row `lane` of one block, GGML's formulas: d·q + m.
 pub fn dequantize_nibbles(g: &NibbleGroup, lane: usize, out: &mut [f32]) {
     let (pair, half) = pair_of(lane);

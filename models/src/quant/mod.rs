@@ -1,8 +1,9 @@
-//! Quantized matrix × f32 activations on the CPU for GGUF's Q4_0, Q4_1 and Q8_0, with the
-//! instruction set chosen at run time so a default build is fast on any x86-64 (other targets
-//! get the portable kernel). Candle's `QMatMul` stays the path for K-quants (its kernels already
-//! dispatch at run time), dense and GPU weights, and is the oracle these kernels are tested
-//! against.
+//! Quantized matrix × f32 activations on the CPU for GGUF's Q4_0, Q4_1, Q8_0, Q4_K (whose
+//! 32-value sub-blocks are taken as Q4_1 blocks) and Q5_0 (whose values are taken as Q8_0's), with
+//! the instruction set chosen at run time so a default build is fast on any x86-64 (other
+//! targets get the portable kernel). Candle's
+//! `QMatMul` stays the path for the other K-quants (its kernels already dispatch at run time),
+//! dense and GPU weights, and is the oracle these kernels are tested against.
 
 mod blocks;
 #[cfg(target_arch = "x86_64")]
@@ -11,6 +12,7 @@ mod x86;
 pub use blocks::{quantize_row, ActBlock, ByteGroup, NibbleGroup, BLOCK, GROUP};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -120,7 +122,7 @@ fn scalar_rows<G, const R: usize>(
     }
 }
 
-/// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1 or Q8_0: rows
+/// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1, Q4_K, Q5_0 or Q8_0: rows
 /// `first_group * GROUP..` of shared group storage, `rows` of them (several matrices can be
 /// views of one stacked matrix).
 #[derive(Debug, Clone)]
@@ -138,20 +140,33 @@ impl QuantMatrix {
             &[rows, cols] => (rows, cols),
             _ => return Ok(None),
         };
-        let block_bytes = match t.dtype() {
-            GgmlDType::Q4_0 => 18,
-            GgmlDType::Q4_1 => 20,
-            GgmlDType::Q8_0 => 34,
+        let (block_values, block_bytes) = match t.dtype() {
+            GgmlDType::Q4_0 => (BLOCK, 18),
+            GgmlDType::Q4_1 => (BLOCK, 20),
+            GgmlDType::Q8_0 => (BLOCK, 34),
+            GgmlDType::Q5_0 => (BLOCK, blocks::Q5_0_BYTES),
+            GgmlDType::Q4K => (blocks::Q4K_VALUES, blocks::Q4K_BYTES),
             _ => return Ok(None),
         };
         let bytes = t.data()?;
-        let per_row = cols / BLOCK;
-        if cols % BLOCK != 0 || bytes.len() != rows * per_row * block_bytes {
+        if cols % block_values != 0 || bytes.len() != rows * cols / block_values * block_bytes {
             candle_core::bail!(
                 "quantized tensor of shape ({rows}, {cols}) has {} bytes",
                 bytes.len()
             );
         }
+        // Q4_K's sub-blocks are Q4_1 blocks with their own scales and offsets; Q5_0's values
+        // fit Q8_0's bytes.
+        let (bytes, dtype, block_bytes) = match t.dtype() {
+            GgmlDType::Q4K => (Cow::Owned(blocks::q4k_as_q4_1(&bytes)), GgmlDType::Q4_1, 20),
+            GgmlDType::Q5_0 => (
+                Cow::Owned(blocks::q5_0_as_q8_0(&bytes)),
+                GgmlDType::Q8_0,
+                34,
+            ),
+            dtype => (bytes, dtype, block_bytes),
+        };
+        let per_row = cols / BLOCK;
         // Row group g's GGML blocks b, lane by lane (rows past the end are left out).
         let group_rows = |g: usize, b: usize| -> Vec<&[u8]> {
             (g * GROUP..((g + 1) * GROUP).min(rows))
@@ -159,7 +174,7 @@ impl QuantMatrix {
                 .collect()
         };
         let slots = (0..rows.div_ceil(GROUP)).flat_map(|g| (0..per_row).map(move |b| (g, b)));
-        let groups = match t.dtype() {
+        let groups = match dtype {
             GgmlDType::Q8_0 => Groups::Bytes(
                 slots
                     .map(|(g, b)| blocks::byte_group(&group_rows(g, b)))
@@ -179,7 +194,8 @@ impl QuantMatrix {
         }))
     }
 
-    /// Stacks matrices of one format family (Q4_0 and Q4_1 together, or Q8_0) and input size
+    /// Stacks matrices of one format family (Q4_0, Q4_1 and Q4_K together, or Q8_0 and Q5_0)
+    /// and input size
     /// into one whose outputs are theirs in order, so projections of the same input (q, k, v;
     /// gate, up) run as one matmul. Every part but the last must fill its row groups.
     pub fn stack(parts: &[&Self]) -> Result<Self> {
