@@ -94,8 +94,9 @@ pub fn byte_group(rows: &[&[u8]]) -> ByteGroup {
 pub const Q4K_VALUES: usize = 256;
 pub const Q4K_BYTES: usize = 144;
 
-/// Bytes of a GGML Q4_1 block (d, m, 16 bytes of nibbles).
-const Q4_1_BYTES: usize = 20;
+/// Bytes of a GGML Q4_0 block (d, 16 bytes of nibbles) and of a Q4_1 block (d, m, the same).
+pub const Q4_0_BYTES: usize = 18;
+pub const Q4_1_BYTES: usize = 20;
 
 /// Q4_K rows (whole super-blocks) rewritten as Q4_1 blocks, which the nibble kernels take: each
 /// 32-value sub-block has value d·sc·q − dmin·min for 4-bit q, i.e. Q4_1's d'·q + m' with
@@ -121,9 +122,10 @@ pub fn q4k_as_q4_1(super_blocks: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Bytes of a GGML Q5_0 block (d, 32 high bits, 16 bytes of low nibbles) and of a Q8_0 block.
+/// Bytes of a GGML Q5_0 block (d, 32 high bits, 16 bytes of low nibbles) and of a Q8_0 block
+/// (d, 32 signed bytes).
 pub const Q5_0_BYTES: usize = 22;
-const Q8_0_BYTES: usize = 34;
+pub const Q8_0_BYTES: usize = 34;
 
 /// Q5_0 blocks rewritten as Q8_0 blocks, which the byte kernels take: value d·(q − 16) for 5-bit
 /// q is Q8_0's d·q' with q' = q − 16 in −16..=15, so d and every value are kept exactly.

@@ -1,9 +1,9 @@
 //! Quantized matrix × f32 activations on the CPU for GGUF's Q4_0, Q4_1, Q8_0, Q4_K (whose
 //! 32-value sub-blocks are taken as Q4_1 blocks) and Q5_0 (whose values are taken as Q8_0's), with
 //! the instruction set chosen at run time so a default build is fast on any x86-64 (other
-//! targets get the portable kernel). Candle's
-//! `QMatMul` stays the path for the other K-quants (its kernels already dispatch at run time),
-//! dense and GPU weights, and is the oracle these kernels are tested against.
+//! targets get the portable kernel). Candle's `QMatMul` stays the path for the other K-quants
+//! (its kernels already dispatch at run time), dense and GPU weights, and is the oracle these
+//! kernels are tested against.
 
 mod blocks;
 #[cfg(target_arch = "x86_64")]
@@ -141,9 +141,9 @@ impl QuantMatrix {
             _ => return Ok(None),
         };
         let (block_values, block_bytes) = match t.dtype() {
-            GgmlDType::Q4_0 => (BLOCK, 18),
-            GgmlDType::Q4_1 => (BLOCK, 20),
-            GgmlDType::Q8_0 => (BLOCK, 34),
+            GgmlDType::Q4_0 => (BLOCK, blocks::Q4_0_BYTES),
+            GgmlDType::Q4_1 => (BLOCK, blocks::Q4_1_BYTES),
+            GgmlDType::Q8_0 => (BLOCK, blocks::Q8_0_BYTES),
             GgmlDType::Q5_0 => (BLOCK, blocks::Q5_0_BYTES),
             GgmlDType::Q4K => (blocks::Q4K_VALUES, blocks::Q4K_BYTES),
             _ => return Ok(None),
@@ -158,11 +158,15 @@ impl QuantMatrix {
         // Q4_K's sub-blocks are Q4_1 blocks with their own scales and offsets; Q5_0's values
         // fit Q8_0's bytes.
         let (bytes, dtype, block_bytes) = match t.dtype() {
-            GgmlDType::Q4K => (Cow::Owned(blocks::q4k_as_q4_1(&bytes)), GgmlDType::Q4_1, 20),
+            GgmlDType::Q4K => (
+                Cow::Owned(blocks::q4k_as_q4_1(&bytes)),
+                GgmlDType::Q4_1,
+                blocks::Q4_1_BYTES,
+            ),
             GgmlDType::Q5_0 => (
                 Cow::Owned(blocks::q5_0_as_q8_0(&bytes)),
                 GgmlDType::Q8_0,
-                34,
+                blocks::Q8_0_BYTES,
             ),
             dtype => (bytes, dtype, block_bytes),
         };
