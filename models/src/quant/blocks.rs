@@ -40,6 +40,21 @@ pub struct ByteGroup {
     pub hi: [[i8; BLOCK]; PAIRS],
 }
 
+/// One block of 8 weight rows in Q6_K: values 0..16 of row r are `d_lo[r]`·(u − 32), values
+/// 16..32 `d_hi[r]`·(u − 32), for 6-bit codes u (0..=63) laid out as [`ByteGroup`]'s bytes. The
+/// scales are Q6_K's d·sc products, exact in f32.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct SplitGroup {
+    pub d_lo: [f32; GROUP],
+    pub d_hi: [f32; GROUP],
+    pub lo: [[u8; BLOCK]; PAIRS],
+    pub hi: [[u8; BLOCK]; PAIRS],
+}
+
+/// The code offset of Q6_K: value = scale·(u − 32).
+pub const SPLIT_CODE_OFFSET: i32 = 32;
+
 const _: () = assert!(std::mem::size_of::<NibbleGroup>() == 20 * GROUP);
 const _: () = assert!(std::mem::size_of::<ByteGroup>() == 34 * GROUP);
 
@@ -150,6 +165,62 @@ pub fn q5_0_as_q8_0(blocks: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Values in a Q6_K super-block, and its bytes: 128 bytes of low nibbles, 64 of high bit
+/// pairs, sixteen i8 scales (one per 16 values), then d (f16).
+pub const Q6K_VALUES: usize = 256;
+pub const Q6K_BYTES: usize = 210;
+
+/// One 32-value block of a Q6_K row: its codes and its halves' scales (see [`SplitGroup`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SplitBlock {
+    pub d_lo: f32,
+    pub d_hi: f32,
+    pub u: [u8; BLOCK],
+}
+
+/// A Q6_K super-block's eight 32-value blocks. Values 128h + 32t + l (h < 2, t < 4, l < 32)
+/// have code (nibble t / 2 of low byte 64h + 32(t % 2) + l) | (bit pair t of high byte 32h + l)
+/// << 4 and scale d·sc[8h + 2t + l / 16].
+pub fn q6k_blocks(super_block: &[u8]) -> [SplitBlock; Q6K_VALUES / BLOCK] {
+    let (low, high, scales) = (
+        &super_block[..128],
+        &super_block[128..192],
+        &super_block[192..208],
+    );
+    let d = f16::from_le_bytes([super_block[208], super_block[209]]).to_f32();
+    std::array::from_fn(|k| {
+        let (h, t) = (k / 4, k % 4);
+        let scale = |half: usize| d * scales[8 * h + 2 * t + half] as i8 as f32;
+        SplitBlock {
+            d_lo: scale(0),
+            d_hi: scale(1),
+            u: std::array::from_fn(|l| {
+                let nibble = (low[64 * h + 32 * (t % 2) + l] >> (4 * (t / 2))) & 0x0F;
+                let pair = (high[32 * h + l] >> (2 * t)) & 3;
+                nibble | (pair << 4)
+            }),
+        }
+    })
+}
+
+/// Blocks of each row of one row group (`rows[k]` is lane k; missing rows are zero).
+pub fn split_group(rows: &[&SplitBlock]) -> SplitGroup {
+    let mut group = SplitGroup {
+        d_lo: [0.0; GROUP],
+        d_hi: [0.0; GROUP],
+        lo: [[SPLIT_CODE_OFFSET as u8; BLOCK]; PAIRS],
+        hi: [[SPLIT_CODE_OFFSET as u8; BLOCK]; PAIRS],
+    };
+    for (lane, b) in rows.iter().enumerate() {
+        let (pair, half) = pair_of(lane);
+        group.d_lo[lane] = b.d_lo;
+        group.d_hi[lane] = b.d_hi;
+        group.lo[pair][half * 16..half * 16 + 16].copy_from_slice(&b.u[..16]);
+        group.hi[pair][half * 16..half * 16 + 16].copy_from_slice(&b.u[16..]);
+    }
+    group
+}
+
 /// Sub-block `j`'s 6-bit scale and min: the first four pairs are the low six bits of bytes
 /// j and j + 4; the last four take four bits from byte j + 4 and their top two bits from the
 /// spare top bits of bytes j − 4 (scale) and j (min).
@@ -184,10 +255,21 @@ pub fn dequantize_bytes(g: &ByteGroup, lane: usize, out: &mut [f32]) {
     }
 }
 
+/// Values of row `lane` of one block: d_lo·(u − 32), then d_hi·(u − 32).
+pub fn dequantize_split(g: &SplitGroup, lane: usize, out: &mut [f32]) {
+    let (pair, half) = pair_of(lane);
+    for j in 0..16 {
+        let code = |u: u8| (u as i32 - SPLIT_CODE_OFFSET) as f32;
+        out[j] = g.d_lo[lane] * code(g.lo[pair][half * 16 + j]);
+        out[j + 16] = g.d_hi[lane] * code(g.hi[pair][half * 16 + j]);
+    }
+}
+
 /// An activation block: value ≈ d·q. The 8-bit values are stored twice over, halves
 /// duplicated (`lo` = q[0..16] twice, `hi` = q[16..32] twice), so one 32-byte operand meets two
 /// weight rows of a [`NibbleGroup`] pair. `sum` = d·Σq (for the m term); `offset` = 128·Σq
-/// (for kernels that take Q8_0 weights as unsigned bytes, q + 128).
+/// (for kernels that take Q8_0 weights as unsigned bytes, q + 128); `first_half` = Σq over
+/// values 0..16 (for [`SplitGroup`]'s halves).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct ActBlock {
@@ -196,6 +278,7 @@ pub struct ActBlock {
     pub d: f32,
     pub sum: f32,
     pub offset: i32,
+    pub first_half: i32,
 }
 
 impl Default for ActBlock {
@@ -206,6 +289,7 @@ impl Default for ActBlock {
             d: 0.0,
             sum: 0.0,
             offset: 0,
+            first_half: 0,
         }
     }
 }
@@ -229,7 +313,7 @@ pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
         let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut total = 0i32;
+        let (mut total, mut first_half) = (0i32, 0i32);
         for (j, v) in values.iter().enumerate() {
             // Round half away from zero, as `f32::round` does, without its libm call (a default
             // x86-64 build has no rounding instruction).
@@ -239,10 +323,14 @@ pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
             half[j % 16] = q;
             half[j % 16 + 16] = q;
             total += q as i32;
+            if j < 16 {
+                first_half += q as i32;
+            }
         }
         block.d = d;
         block.sum = d * total as f32;
         block.offset = 128 * total;
+        block.first_half = first_half;
     }
 }
 
@@ -288,6 +376,27 @@ pub fn dot_bytes(w: &[ByteGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
                 })
                 .sum();
             block_terms(ints, g.d[lane].to_f32(), 0.0, ab, acc);
+        }
+    }
+    *out = acc;
+}
+
+/// As [`dot_nibbles`], for Q6_K groups: each half's exact integer sum takes its own scale,
+/// the first half's step first.
+pub fn dot_split(w: &[SplitGroup], a: &[ActBlock], out: &mut [f32; GROUP]) {
+    let mut acc = [0f32; GROUP];
+    for (g, ab) in w.iter().zip(a) {
+        for (lane, acc) in acc.iter_mut().enumerate() {
+            let (pair, half) = pair_of(lane);
+            let code = |u: u8| u as i32 - SPLIT_CODE_OFFSET;
+            let (lo, hi) = (0..16).fold((0i32, 0i32), |(lo, hi), j| {
+                (
+                    lo + code(g.lo[pair][half * 16 + j]) * ab.q(j),
+                    hi + code(g.hi[pair][half * 16 + j]) * ab.q(j + 16),
+                )
+            });
+            *acc = (lo as f32).mul_add(g.d_lo[lane] * ab.d, *acc);
+            *acc = (hi as f32).mul_add(g.d_hi[lane] * ab.d, *acc);
         }
     }
     *out = acc;

@@ -1,6 +1,6 @@
 //! Quantized matrix × f32 activations on the CPU for GGUF's Q4_0, Q4_1, Q8_0, Q4_K (whose
-//! 32-value sub-blocks are taken as Q4_1 blocks) and Q5_0 (whose values are taken as Q8_0's), with
-//! the instruction set chosen at run time so a default build is fast on any x86-64 (other
+//! 32-value sub-blocks are taken as Q4_1 blocks), Q5_0 (whose values are taken as Q8_0's) and
+//! Q6_K (6-bit codes in bytes, a scale per 16 values), with the instruction set chosen at run time so a default build is fast on any x86-64 (other
 //! targets get the portable kernel). Candle's `QMatMul` stays the path for the other K-quants
 //! (its kernels already dispatch at run time), dense and GPU weights, and is the oracle these
 //! kernels are tested against.
@@ -9,7 +9,7 @@ mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use blocks::{quantize_row, ActBlock, ByteGroup, NibbleGroup, BLOCK, GROUP};
+pub use blocks::{quantize_row, ActBlock, ByteGroup, NibbleGroup, SplitGroup, BLOCK, GROUP};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
@@ -89,8 +89,10 @@ impl Kernel {
 enum Groups {
     /// Q4_0 or Q4_1.
     Nibbles(Vec<NibbleGroup>),
-    /// Q8_0.
+    /// Q8_0 (and Q5_0, rewritten).
     Bytes(Vec<ByteGroup>),
+    /// Q6_K.
+    Split(Vec<SplitGroup>),
 }
 
 /// Runs `$f::<$R>` from `$kernel`'s instruction-set module, or `$scalar` on the portable kernel.
@@ -122,7 +124,8 @@ fn scalar_rows<G, const R: usize>(
     }
 }
 
-/// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1, Q4_K, Q5_0 or Q8_0: rows
+/// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1, Q4_K, Q5_0, Q6_K or Q8_0:
+/// rows
 /// `first_group * GROUP..` of shared group storage, `rows` of them (several matrices can be
 /// views of one stacked matrix).
 #[derive(Debug, Clone)]
@@ -146,6 +149,7 @@ impl QuantMatrix {
             GgmlDType::Q8_0 => (BLOCK, blocks::Q8_0_BYTES),
             GgmlDType::Q5_0 => (BLOCK, blocks::Q5_0_BYTES),
             GgmlDType::Q4K => (blocks::Q4K_VALUES, blocks::Q4K_BYTES),
+            GgmlDType::Q6K => (blocks::Q6K_VALUES, blocks::Q6K_BYTES),
             _ => return Ok(None),
         };
         let bytes = t.data()?;
@@ -154,6 +158,23 @@ impl QuantMatrix {
                 "quantized tensor of shape ({rows}, {cols}) has {} bytes",
                 bytes.len()
             );
+        }
+        let per_row = cols / BLOCK;
+        let slots = (0..rows.div_ceil(GROUP)).flat_map(|g| (0..per_row).map(move |b| (g, b)));
+        // The rows of row group g (those that exist).
+        let group_rows = move |g: usize| g * GROUP..((g + 1) * GROUP).min(rows);
+        if t.dtype() == GgmlDType::Q6K {
+            let split: Vec<blocks::SplitBlock> = bytes
+                .chunks_exact(blocks::Q6K_BYTES)
+                .flat_map(blocks::q6k_blocks)
+                .collect();
+            let groups = slots
+                .map(|(g, b)| {
+                    let rows: Vec<_> = group_rows(g).map(|r| &split[r * per_row + b]).collect();
+                    blocks::split_group(&rows)
+                })
+                .collect();
+            return Ok(Some(Self::new(rows, cols, Groups::Split(groups))));
         }
         // Q4_K's sub-blocks are Q4_1 blocks with their own scales and offsets; Q5_0's values
         // fit Q8_0's bytes.
@@ -170,36 +191,38 @@ impl QuantMatrix {
             ),
             dtype => (bytes, dtype, block_bytes),
         };
-        let per_row = cols / BLOCK;
-        // Row group g's GGML blocks b, lane by lane (rows past the end are left out).
-        let group_rows = |g: usize, b: usize| -> Vec<&[u8]> {
-            (g * GROUP..((g + 1) * GROUP).min(rows))
+        // Row group g's GGML blocks b, lane by lane.
+        let block_rows = |g: usize, b: usize| -> Vec<&[u8]> {
+            group_rows(g)
                 .map(|row| &bytes[(row * per_row + b) * block_bytes..][..block_bytes])
                 .collect()
         };
-        let slots = (0..rows.div_ceil(GROUP)).flat_map(|g| (0..per_row).map(move |b| (g, b)));
         let groups = match dtype {
             GgmlDType::Q8_0 => Groups::Bytes(
                 slots
-                    .map(|(g, b)| blocks::byte_group(&group_rows(g, b)))
+                    .map(|(g, b)| blocks::byte_group(&block_rows(g, b)))
                     .collect(),
             ),
             dtype => Groups::Nibbles(
                 slots
-                    .map(|(g, b)| blocks::nibble_group(&group_rows(g, b), dtype == GgmlDType::Q4_0))
+                    .map(|(g, b)| blocks::nibble_group(&block_rows(g, b), dtype == GgmlDType::Q4_0))
                     .collect(),
             ),
         };
-        Ok(Some(Self {
+        Ok(Some(Self::new(rows, cols, groups)))
+    }
+
+    fn new(rows: usize, cols: usize, groups: Groups) -> Self {
+        Self {
             rows,
             cols,
             first_group: 0,
             groups: Arc::new(groups),
-        }))
+        }
     }
 
-    /// Stacks matrices of one format family (Q4_0, Q4_1 and Q4_K together, or Q8_0 and Q5_0)
-    /// and input size
+    /// Stacks matrices of one format family (Q4_0, Q4_1 and Q4_K together; Q8_0 and Q5_0;
+    /// Q6_K) and input size
     /// into one whose outputs are theirs in order, so projections of the same input (q, k, v;
     /// gate, up) run as one matmul. Every part but the last must fill its row groups.
     pub fn stack(parts: &[&Self]) -> Result<Self> {
@@ -217,6 +240,7 @@ impl QuantMatrix {
             match (&mut groups, part.own_groups()) {
                 (Groups::Nibbles(all), Groups::Nibbles(more)) => all.extend(more),
                 (Groups::Bytes(all), Groups::Bytes(more)) => all.extend(more),
+                (Groups::Split(all), Groups::Split(more)) => all.extend(more),
                 _ => candle_core::bail!("stacked matrices must share their format"),
             }
         }
@@ -234,6 +258,7 @@ impl QuantMatrix {
         match self.groups.as_ref() {
             Groups::Nibbles(g) => Groups::Nibbles(g[range].to_vec()),
             Groups::Bytes(g) => Groups::Bytes(g[range].to_vec()),
+            Groups::Split(g) => Groups::Split(g[range].to_vec()),
         }
     }
 
@@ -278,6 +303,10 @@ impl QuantMatrix {
                 .iter()
                 .zip(values)
                 .for_each(|(g, o)| blocks::dequantize_bytes(g, lane, o)),
+            Groups::Split(g) => g[slots]
+                .iter()
+                .zip(values)
+                .for_each(|(g, o)| blocks::dequantize_split(g, lane, o)),
         }
     }
 
@@ -300,6 +329,11 @@ impl QuantMatrix {
                 kernel,
                 scalar_rows(&w[slots], a, out, blocks::dot_bytes),
                 dot_byte_rows::<R>(&w[slots], a, out)
+            ),
+            Groups::Split(w) => on_kernel!(
+                kernel,
+                scalar_rows(&w[slots], a, out, blocks::dot_split),
+                dot_split_rows::<R>(&w[slots], a, out)
             ),
         }
     }
@@ -465,6 +499,7 @@ impl QuantMatrix {
         match self.groups.as_ref() {
             Groups::Nibbles(w) => GroupBlocks::Nibbles(&w[slots]),
             Groups::Bytes(w) => GroupBlocks::Bytes(&w[slots]),
+            Groups::Split(w) => GroupBlocks::Split(&w[slots]),
         }
     }
 

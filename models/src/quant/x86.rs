@@ -5,7 +5,7 @@
 //! the same f32 steps as the portable kernel ([`super::blocks`]): results are bit-identical
 //! across kernels and whatever `R` a row is computed in.
 
-use super::blocks::{ActBlock, ByteGroup, NibbleGroup, GROUP};
+use super::blocks::{ActBlock, ByteGroup, NibbleGroup, SplitGroup, GROUP, SPLIT_CODE_OFFSET};
 use std::arch::x86_64::*;
 
 /// Asks for block `b + blocks` of `w`: the same block of the next row group (groups lie back to
@@ -172,6 +172,51 @@ macro_rules! kernels {
                     _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
                 }
             }
+
+            /// As [`dot_nibble_rows`], for Q6_K groups: the unsigned codes u meet the
+            /// activations directly, each half's sum is corrected by 32·Σa of that half, and
+            /// takes its own scale, the first half first.
+            ///
+            /// # Safety
+            /// The CPU has this module's features; `a` holds `R * w.len()` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_split_rows<const R: usize>(
+                w: &[SplitGroup],
+                a: &[ActBlock],
+                out: &mut [[f32; GROUP]; R],
+            ) {
+                let n = w.len();
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..n {
+                    prefetch_next_group(w, b, n);
+                    let g = w.get_unchecked(b);
+                    let (d_lo, d_hi) = (
+                        _mm256_loadu_ps(g.d_lo.as_ptr()),
+                        _mm256_loadu_ps(g.d_hi.as_ptr()),
+                    );
+                    let lo: [__m256i; 4] = std::array::from_fn(|p| load(&g.lo[p]));
+                    let hi: [__m256i; 4] = std::array::from_fn(|p| load(&g.hi[p]));
+                    for r in 0..R {
+                        let ab = a.get_unchecked(r * n + b);
+                        let (alo, ahi) = (load(&ab.lo), load(&ab.hi));
+                        let mut s_lo = [_mm256_setzero_si256(); 4];
+                        let mut s_hi = [_mm256_setzero_si256(); 4];
+                        for p in 0..4 {
+                            s_lo[p] = dot_acc(s_lo[p], lo[p], alo);
+                            s_hi[p] = dot_acc(s_hi[p], hi[p], ahi);
+                        }
+                        let fix_lo = SPLIT_CODE_OFFSET * ab.first_half;
+                        let fix_hi = SPLIT_CODE_OFFSET * (ab.offset / 128) - fix_lo;
+                        let ints_lo = _mm256_sub_epi32(row_sums(s_lo), _mm256_set1_epi32(fix_lo));
+                        let ints_hi = _mm256_sub_epi32(row_sums(s_hi), _mm256_set1_epi32(fix_hi));
+                        scale_into(ints_lo, d_lo, ab, &mut acc[r]);
+                        scale_into(ints_hi, d_hi, ab, &mut acc[r]);
+                    }
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+                }
+            }
         }
     };
 }
@@ -221,7 +266,9 @@ pub mod avx512_lanes {
     /// Activation rows per batch.
     pub const LANES: usize = 16;
 
-    /// One block of 16 activation rows: `q[k][j]` holds values 4k..4k+4 of row j.
+    /// One block of 16 activation rows: `q[k][j]` holds values 4k..4k+4 of row j; per row,
+    /// `first_half` is 32·Σq over values 0..16 and `second_half` over 16..32 (Q6_K's
+    /// corrections for its unsigned codes).
     #[derive(Debug, Clone, Copy)]
     #[repr(C, align(64))]
     pub struct LaneBlock {
@@ -229,6 +276,8 @@ pub mod avx512_lanes {
         d: [f32; LANES],
         sum: [f32; LANES],
         offset: [i32; LANES],
+        first_half: [i32; LANES],
+        second_half: [i32; LANES],
     }
 
     /// One block of up to 16 activation rows in lanes, from each row's quantized block;
@@ -239,6 +288,8 @@ pub mod avx512_lanes {
             d: [0.0; LANES],
             sum: [0.0; LANES],
             offset: [0; LANES],
+            first_half: [0; LANES],
+            second_half: [0; LANES],
         };
         for (j, block) in rows.take(LANES).enumerate() {
             let words = block.lo[..16]
@@ -255,6 +306,8 @@ pub mod avx512_lanes {
             lanes.d[j] = block.d;
             lanes.sum[j] = block.sum;
             lanes.offset[j] = block.offset;
+            lanes.first_half[j] = SPLIT_CODE_OFFSET * block.first_half;
+            lanes.second_half[j] = SPLIT_CODE_OFFSET * (block.offset / 128) - lanes.first_half[j];
         }
         lanes
     }
@@ -292,8 +345,20 @@ pub mod avx512_lanes {
     #[derive(Default)]
     pub struct UnpackedGroup {
         blocks: Vec<Unpacked>,
-        /// Q8_0 weights, taken as w + 128: 128·Σa comes off each block's sum.
-        offset: bool,
+        format: UnpackedFormat,
+    }
+
+    /// What an unpacked block's bytes and scales hold.
+    #[derive(Default, Clone, Copy, PartialEq, Eq)]
+    enum UnpackedFormat {
+        /// Q4_0/Q4_1: codes, d and m.
+        #[default]
+        Nibbles,
+        /// Q8_0 taken as w + 128 (128·Σa comes off each block's sum): codes and d.
+        Bytes,
+        /// Q6_K: codes u (32·Σa of each half comes off that half's sum), d of the first half
+        /// in `d` and of the second in `m`.
+        Split,
     }
 
     impl UnpackedGroup {
@@ -315,6 +380,18 @@ pub mod avx512_lanes {
         Nibbles(&'a [NibbleGroup]),
         /// Q8_0: taken as unsigned bytes w + 128, so 128·Σa comes off each block's sum.
         Bytes(&'a [ByteGroup]),
+        /// Q6_K: unsigned codes and a scale per half block.
+        Split(&'a [SplitGroup]),
+    }
+
+    impl GroupBlocks<'_> {
+        fn format(self) -> UnpackedFormat {
+            match self {
+                GroupBlocks::Nibbles(_) => UnpackedFormat::Nibbles,
+                GroupBlocks::Bytes(_) => UnpackedFormat::Bytes,
+                GroupBlocks::Split(_) => UnpackedFormat::Split,
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -347,6 +424,19 @@ pub mod avx512_lanes {
         _mm256_store_ps(u.m.as_mut_ptr(), _mm256_setzero_ps());
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn unpack_split(g: &SplitGroup, u: &mut Unpacked) {
+        for p in 0..4 {
+            for (h, half) in [&g.lo[p], &g.hi[p]].into_iter().enumerate() {
+                let codes = _mm256_loadu_si256(half.as_ptr() as *const __m256i);
+                _mm256_store_si256(u.pairs[p][h].as_mut_ptr() as *mut __m256i, codes);
+            }
+        }
+        u.d = g.d_lo;
+        u.m = g.d_hi;
+    }
+
     /// Where a group's results go: activation row j's value for weight row r at
     /// `at + j·stride + r`, for the group's first `rows` weight rows and the first `acts`
     /// activation rows (the lanes past them are padding). With a `residual` (not null), each
@@ -377,9 +467,10 @@ pub mod avx512_lanes {
         out: LanesOut,
     ) {
         if let Some(source) = source {
-            group.offset = matches!(source, GroupBlocks::Bytes(_));
+            group.format = source.format();
             group.make_room(a.len());
         }
+        let bytes = group.format == UnpackedFormat::Bytes;
         let mut acc = [_mm512_setzero_ps(); GROUP];
         for (b, ab) in a.iter().enumerate() {
             let unpacked = group.blocks.get_unchecked_mut(b);
@@ -392,22 +483,40 @@ pub mod avx512_lanes {
                     prefetch_next_group(w, b, a.len());
                     unpack_bytes(w.get_unchecked(b), unpacked)
                 }
+                Some(GroupBlocks::Split(w)) => {
+                    prefetch_next_group(w, b, a.len());
+                    unpack_split(w.get_unchecked(b), unpacked)
+                }
                 None => {}
             }
             let acts: [__m512i; 8] =
                 std::array::from_fn(|k| _mm512_load_si512(ab.q[k].as_ptr() as *const _));
             let d_a = _mm512_load_ps(ab.d.as_ptr());
+            if group.format == UnpackedFormat::Split {
+                let (first, second) = split_block_sums(unpacked, &acts);
+                let fix_first = _mm512_load_si512(ab.first_half.as_ptr() as *const _);
+                let fix_second = _mm512_load_si512(ab.second_half.as_ptr() as *const _);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let ints = _mm512_sub_epi32(first[r], fix_first);
+                    let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.d[r]), d_a);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
+                    let ints = _mm512_sub_epi32(second[r], fix_second);
+                    let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.m[r]), d_a);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
+                }
+                continue;
+            }
             let sum_a = _mm512_load_ps(ab.sum.as_ptr());
             let sums = block_sums(unpacked, &acts);
             for ((r, acc), mut ints) in acc.iter_mut().enumerate().zip(sums) {
-                if group.offset {
+                if bytes {
                     ints =
                         _mm512_sub_epi32(ints, _mm512_load_si512(ab.offset.as_ptr() as *const _));
                 }
                 let scale = _mm512_mul_ps(_mm512_set1_ps(unpacked.d[r]), d_a);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
                 // Q8_0 has no m_w: skipped, as the row kernels skip it.
-                if !group.offset {
+                if !bytes {
                     *acc = _mm512_fmadd_ps(_mm512_set1_ps(unpacked.m[r]), sum_a, *acc);
                 }
             }
@@ -481,6 +590,27 @@ pub mod avx512_lanes {
         sums_step!(u, acts[6], sums, 6);
         sums_step!(u, acts[7], sums, 7);
         sums
+    }
+
+    /// [`block_sums`] for Q6_K: each weight row's sums over values 0..16 and over 16..32 apart.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    #[inline]
+    unsafe fn split_block_sums(
+        unpacked: &Unpacked,
+        acts: &[__m512i; 8],
+    ) -> ([__m512i; GROUP], [__m512i; GROUP]) {
+        let u = unpacked as *const Unpacked;
+        let mut first = [_mm512_setzero_si512(); GROUP];
+        let mut second = [_mm512_setzero_si512(); GROUP];
+        sums_step!(u, acts[0], first, 0);
+        sums_step!(u, acts[1], first, 1);
+        sums_step!(u, acts[2], first, 2);
+        sums_step!(u, acts[3], first, 3);
+        sums_step!(u, acts[4], second, 4);
+        sums_step!(u, acts[5], second, 5);
+        sums_step!(u, acts[6], second, 6);
+        sums_step!(u, acts[7], second, 7);
+        (first, second)
     }
 
     /// Writes `acc[r]` lane j to `out.at + j·stride + r`: in registers when the group has all
@@ -606,20 +736,24 @@ pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
             block.hi.as_mut_ptr() as *mut __m256i,
             _mm256_permute2x128_si256(bytes, bytes, 0x11),
         );
-        // Σq from the saturated bytes, as the portable code sums its stored values.
+        // Σq from the saturated bytes, as the portable code sums its stored values: sums of
+        // values 0..8, 8..16, 16..24 and 24..32, each offset by 128 per value.
         let sums = _mm256_sad_epu8(
             _mm256_xor_si256(bytes, _mm256_set1_epi8(-128)),
             _mm256_setzero_si256(),
         );
-        let sums = _mm_add_epi64(
+        let (first, second) = (
             _mm256_castsi256_si128(sums),
             _mm256_extracti128_si256(sums, 1),
         );
+        let sums = _mm_add_epi64(first, second);
         let sums = _mm_add_epi64(sums, _mm_unpackhi_epi64(sums, sums));
+        let first = _mm_add_epi64(first, _mm_unpackhi_epi64(first, first));
         let total = _mm_cvtsi128_si64(sums) as i32 - 128 * BLOCK as i32;
         block.d = d;
         block.sum = d * total as f32;
         block.offset = 128 * total;
+        block.first_half = _mm_cvtsi128_si64(first) as i32 - 128 * 16;
     }
 }
 
@@ -651,7 +785,11 @@ mod tests {
         // SAFETY: AVX2 detected above; sizes match.
         unsafe { quantize_row(&x, &mut simd) };
         for (b, (p, s)) in portable.iter().zip(&simd).enumerate() {
-            assert_eq!((p.lo, p.hi, p.offset), (s.lo, s.hi, s.offset), "block {b}");
+            assert_eq!(
+                (p.lo, p.hi, p.offset, p.first_half),
+                (s.lo, s.hi, s.offset, s.first_half),
+                "block {b}"
+            );
             assert_eq!(p.d.to_bits(), s.d.to_bits(), "block {b}");
             assert_eq!(p.sum.to_bits(), s.sum.to_bits(), "block {b}");
         }
