@@ -86,90 +86,39 @@ fn check(weight: QTensor, m: usize, rng: &mut SeededRng) {
 fn kernels_match_candle_on_random_weights() {
     println!("kernels on this CPU: {:?}", Kernel::available());
     let mut rng = SeededRng::new(7);
-    for format in FORMATS {
-        for (rows, cols, m) in [(64, 256, 1), (96, 576, 3), (33, 32, 17), (576, 1536, 8)] {
-            let w = rng.tensor((rows, cols), 0.5, &Device::Cpu).unwrap();
-            check(QTensor::quantize(&w, format).unwrap(), m, &mut rng);
-        }
-    }
-}
-
-/// Q4_K (256-value super-blocks): whole super-blocks per row, weights of several magnitudes
-/// so that the sub-block scales and mins use their high bits too.
-#[test]
-fn q4k_kernels_match_candle_on_random_weights() {
-    let mut rng = SeededRng::new(23);
-    for (rows, cols, m, spread) in [
-        (64, 256, 8, 0.5),
-        (96, 768, 3, 2.0),
-        (33, 256, 17, 0.05),
+    // (weight rows, columns, activation rows, weight spread)
+    let shapes = [
+        (64, 256, 1, 0.5),
+        (96, 576, 3, 0.5),
+        (33, 32, 17, 0.5),
         (576, 1536, 8, 0.5),
-    ] {
-        let w = rng.tensor((rows, cols), spread, &Device::Cpu).unwrap();
-        check(QTensor::quantize(&w, GgmlDType::Q4K).unwrap(), m, &mut rng);
-    }
-}
-
-#[test]
-fn q5_0_kernels_match_candle_on_random_weights() {
-    let mut rng = SeededRng::new(31);
-    for (rows, cols, m) in [(64, 256, 1), (96, 576, 3), (33, 32, 17), (576, 1536, 8)] {
-        let w = rng.tensor((rows, cols), 0.5, &Device::Cpu).unwrap();
-        check(QTensor::quantize(&w, GgmlDType::Q5_0).unwrap(), m, &mut rng);
-    }
-}
-
-/// Q5_0 taken as Q8_0 bytes keeps every weight exactly.
-#[test]
-fn q5_0_weights_dequantize_to_candles_values() {
-    let w = SeededRng::new(37)
-        .tensor((24, 96), 1.0, &Device::Cpu)
-        .unwrap();
-    let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
-    let reference = flat(&q.dequantize(&Device::Cpu).unwrap());
-    let ours = QuantMatrix::from_qtensor(&q)
-        .unwrap()
-        .expect("Q5_0 is served");
-    let mut row = vec![0f32; 96];
-    for r in 0..24 {
-        ours.dequantize_row(r, &mut row);
-        assert_eq!(&row[..], &reference[r * 96..(r + 1) * 96], "row {r}");
-    }
-}
-
-/// Q6_K (a scale per 16 values): the two halves of each 32-value block scaled apart. As for
-/// Q4_K, every case has hundreds of outputs: candle quantizes K-quant activations per 256
-/// values, so the two errors differ by chance over a few dozen.
-#[test]
-fn q6k_kernels_match_candle_on_random_weights() {
-    let mut rng = SeededRng::new(41);
-    for (rows, cols, m, spread) in [
+    ];
+    // K-quants take whole 256-value super-blocks. Each case has hundreds of outputs: candle
+    // quantizes their activations per 256 values, so the two errors differ by chance over a few
+    // dozen. Several spreads reach the high bits of Q4_K's packed sub-block scales and mins.
+    let k_shapes = [
         (64, 256, 8, 0.5),
         (96, 768, 3, 2.0),
         (33, 256, 17, 0.05),
         (576, 1536, 8, 0.5),
         (40, 512, 21, 1.0),
-    ] {
+    ];
+    let cases = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+    ]
+    .into_iter()
+    .flat_map(|format| shapes.map(|shape| (format, shape)))
+    .chain(
+        [GgmlDType::Q4K, GgmlDType::Q6K]
+            .into_iter()
+            .flat_map(|format| k_shapes.map(|shape| (format, shape))),
+    );
+    for (format, (rows, cols, m, spread)) in cases {
         let w = rng.tensor((rows, cols), spread, &Device::Cpu).unwrap();
-        check(QTensor::quantize(&w, GgmlDType::Q6K).unwrap(), m, &mut rng);
-    }
-}
-
-/// Q6_K in bytes with a scale per half block keeps every weight exactly.
-#[test]
-fn q6k_weights_dequantize_to_candles_values() {
-    let w = SeededRng::new(43)
-        .tensor((20, 512), 1.0, &Device::Cpu)
-        .unwrap();
-    let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-    let reference = flat(&q.dequantize(&Device::Cpu).unwrap());
-    let ours = QuantMatrix::from_qtensor(&q)
-        .unwrap()
-        .expect("Q6_K is served");
-    let mut row = vec![0f32; 512];
-    for r in 0..20 {
-        ours.dequantize_row(r, &mut row);
-        assert_eq!(&row[..], &reference[r * 512..(r + 1) * 512], "row {r}");
+        check(QTensor::quantize(&w, format).unwrap(), m, &mut rng);
     }
 }
 
@@ -324,15 +273,28 @@ fn matmul_add_is_the_matmul_then_the_addition() {
 #[test]
 fn dequantized_rows_equal_candles() {
     let mut rng = SeededRng::new(17);
-    for format in FORMATS {
-        let w = rng.tensor((6, 64), 0.5, &Device::Cpu).unwrap();
+    // Q5_0 rewritten as Q8_0 bytes and Q6_K in bytes with a scale per half block keep every
+    // weight exactly too.
+    let formats = [
+        (GgmlDType::Q4_0, 64),
+        (GgmlDType::Q4_1, 64),
+        (GgmlDType::Q8_0, 64),
+        (GgmlDType::Q5_0, 96),
+        (GgmlDType::Q6K, 512),
+    ];
+    for (format, cols) in formats {
+        let w = rng.tensor((20, cols), 1.0, &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, format).unwrap();
         let want = flat(&q.dequantize(&Device::Cpu).unwrap());
         let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
-        let mut row = vec![0f32; 64];
-        for r in 0..6 {
+        let mut row = vec![0f32; cols];
+        for r in 0..20 {
             matrix.dequantize_row(r, &mut row);
-            assert_eq!(&row[..], &want[r * 64..(r + 1) * 64], "{format:?} row {r}");
+            assert_eq!(
+                &row[..],
+                &want[r * cols..(r + 1) * cols],
+                "{format:?} row {r}"
+            );
         }
     }
 }
