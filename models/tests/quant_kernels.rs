@@ -14,8 +14,6 @@ use attune_models::testing::{default_model_path, SeededRng};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-const FORMATS: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
-
 /// Each kernel family with an input width it accepts (K-quants take whole 256-value
 /// super-blocks), for the batching tests.
 const FAMILIES: [(GgmlDType, usize); 4] = [
