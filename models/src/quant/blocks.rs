@@ -53,7 +53,7 @@ pub struct SplitGroup {
 }
 
 /// The code offset of Q6_K: value = scale·(u − 32).
-pub const SPLIT_CODE_OFFSET: i32 = 32;
+const SPLIT_CODE_OFFSET: i32 = 32;
 
 const _: () = assert!(std::mem::size_of::<NibbleGroup>() == 20 * GROUP);
 const _: () = assert!(std::mem::size_of::<ByteGroup>() == 34 * GROUP);
@@ -173,9 +173,9 @@ pub const Q6K_BYTES: usize = 210;
 /// One 32-value block of a Q6_K row: its codes and its halves' scales (see [`SplitGroup`]).
 #[derive(Debug, Clone, Copy)]
 pub struct SplitBlock {
-    pub d_lo: f32,
-    pub d_hi: f32,
-    pub u: [u8; BLOCK],
+    d_lo: f32,
+    d_hi: f32,
+    u: [u8; BLOCK],
 }
 
 /// A Q6_K super-block's eight 32-value blocks. Values 128h + 32t + l (h < 2, t < 4, l < 32)
@@ -295,6 +295,13 @@ impl Default for ActBlock {
 }
 
 impl ActBlock {
+    /// 32·Σq over values 0..16 and over values 16..32: what Q6_K's unsigned codes (u = code
+    /// + 32) add to each half's integer sum.
+    pub fn split_corrections(&self) -> (i32, i32) {
+        let first = SPLIT_CODE_OFFSET * self.first_half;
+        (first, SPLIT_CODE_OFFSET * (self.offset / 128) - first)
+    }
+
     /// Value j's 8-bit code.
     fn q(&self, j: usize) -> i32 {
         if j < 16 {

@@ -5,7 +5,7 @@
 //! the same f32 steps as the portable kernel ([`super::blocks`]): results are bit-identical
 //! across kernels and whatever `R` a row is computed in.
 
-use super::blocks::{ActBlock, ByteGroup, NibbleGroup, SplitGroup, GROUP, SPLIT_CODE_OFFSET};
+use super::blocks::{ActBlock, ByteGroup, NibbleGroup, SplitGroup, GROUP};
 use std::arch::x86_64::*;
 
 /// Asks for block `b + blocks` of `w`: the same block of the next row group (groups lie back to
@@ -205,8 +205,7 @@ macro_rules! kernels {
                             s_lo[p] = dot_acc(s_lo[p], lo[p], alo);
                             s_hi[p] = dot_acc(s_hi[p], hi[p], ahi);
                         }
-                        let fix_lo = SPLIT_CODE_OFFSET * ab.first_half;
-                        let fix_hi = SPLIT_CODE_OFFSET * (ab.offset / 128) - fix_lo;
+                        let (fix_lo, fix_hi) = ab.split_corrections();
                         let ints_lo = _mm256_sub_epi32(row_sums(s_lo), _mm256_set1_epi32(fix_lo));
                         let ints_hi = _mm256_sub_epi32(row_sums(s_hi), _mm256_set1_epi32(fix_hi));
                         scale_into(ints_lo, d_lo, ab, &mut acc[r]);
@@ -306,8 +305,7 @@ pub mod avx512_lanes {
             lanes.d[j] = block.d;
             lanes.sum[j] = block.sum;
             lanes.offset[j] = block.offset;
-            lanes.first_half[j] = SPLIT_CODE_OFFSET * block.first_half;
-            lanes.second_half[j] = SPLIT_CODE_OFFSET * (block.offset / 128) - lanes.first_half[j];
+            (lanes.first_half[j], lanes.second_half[j]) = block.split_corrections();
         }
         lanes
     }
