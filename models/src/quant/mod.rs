@@ -1,9 +1,9 @@
 //! Quantized matrix × f32 activations on the CPU for GGUF's Q4_0, Q4_1, Q8_0, Q4_K (whose
 //! 32-value sub-blocks are taken as Q4_1 blocks), Q5_0 (whose values are taken as Q8_0's) and
-//! Q6_K (6-bit codes in bytes, a scale per 16 values), with the instruction set chosen at run time so a default build is fast on any x86-64 (other
-//! targets get the portable kernel). Candle's `QMatMul` stays the path for the other K-quants
-//! (its kernels already dispatch at run time), dense and GPU weights, and is the oracle these
-//! kernels are tested against.
+//! Q6_K (6-bit codes in bytes, a scale per 16 values), with the instruction set chosen at run
+//! time so a default build is fast on any x86-64 (other targets get the portable kernel).
+//! Candle's `QMatMul` stays the path for the other K-quants (its kernels already dispatch at
+//! run time), dense and GPU weights, and is the oracle these kernels are tested against.
 
 mod blocks;
 #[cfg(target_arch = "x86_64")]
@@ -125,8 +125,7 @@ fn scalar_rows<G, const R: usize>(
 }
 
 /// A quantized weight matrix (out_features, in_features) in Q4_0, Q4_1, Q4_K, Q5_0, Q6_K or Q8_0:
-/// rows
-/// `first_group * GROUP..` of shared group storage, `rows` of them (several matrices can be
+/// rows `first_group * GROUP..` of shared group storage, `rows` of them (several matrices can be
 /// views of one stacked matrix).
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
@@ -222,9 +221,8 @@ impl QuantMatrix {
     }
 
     /// Stacks matrices of one format family (Q4_0, Q4_1 and Q4_K together; Q8_0 and Q5_0;
-    /// Q6_K) and input size
-    /// into one whose outputs are theirs in order, so projections of the same input (q, k, v;
-    /// gate, up) run as one matmul. Every part but the last must fill its row groups.
+    /// Q6_K) and input size into one whose outputs are theirs in order, so projections of the
+    /// same input (q, k, v; gate, up) run as one matmul. Every part but the last must fill its row groups.
     pub fn stack(parts: &[&Self]) -> Result<Self> {
         let Some(first) = parts.first() else {
             candle_core::bail!("nothing to stack");
