@@ -219,7 +219,9 @@ fn a_rows_result_is_the_same_alone_or_in_a_batch() {
         // On AVX-512, 21 rows: 16 in lanes, a batch of 4 sharing weights and a single row;
         // 19: 16 in lanes, a pair and a single row; 22 and 27: a last batch of 6 and of 11 in
         // padded lanes; 12: 12 in padded lanes alone; 7: a batch of 4, a pair and a single
-        // row; 2: a pair alone.
+        // row; 2: a pair alone. On AVX2 (no lanes for Q8_0), 21: two lane batches of 8, a
+        // batch of 4 and a single row; 27: three lane batches and a pair and a single row;
+        // 12: one lane batch and a batch of 4.
         for m in [21, 19, 22, 27, 12, 7, 2] {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32()).collect();
             for kernel in Kernel::available() {
@@ -234,6 +236,43 @@ fn a_rows_result_is_the_same_alone_or_in_a_batch() {
                         "{format:?} {kernel:?} m {m} row {i}"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Kernels that keep block sums in 16 bits before widening (the AVX2 lanes and row kernels)
+/// must still be exact where the sums are largest: weight codes at the top of their range
+/// (each block's first value −1, the rest +1: Q4_0 and Q4_1 codes 15) against activations that
+/// quantize to ±127 everywhere, in batches of every lane width.
+#[test]
+fn largest_block_sums_are_exact_on_every_kernel() {
+    let cols = 256;
+    let weights: Vec<f32> = (0..16 * cols)
+        .map(|i| if i % 32 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let w = Tensor::from_vec(weights, (16, cols), &Device::Cpu).unwrap();
+    for format in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q6K] {
+        let matrix = QuantMatrix::from_qtensor(&QTensor::quantize(&w, format).unwrap())
+            .unwrap()
+            .unwrap();
+        for m in [1, 8, 16] {
+            // Rows of +1, of −1, and of +1 in each block's first half and −1 in its second
+            // (Q6_K corrects each half apart).
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| match (i / cols) % 3 {
+                    0 => 1.0,
+                    1 => -1.0,
+                    _ if i % 32 < 16 => 1.0,
+                    _ => -1.0,
+                })
+                .collect();
+            let mut reference = vec![0f32; m * 16];
+            matrix.matmul_with(Kernel::Scalar, &x, m, &mut reference);
+            for kernel in Kernel::available() {
+                let mut out = vec![0f32; m * 16];
+                matrix.matmul_with(kernel, &x, m, &mut out);
+                assert_eq!(out, reference, "{format:?} {kernel:?} m {m}");
             }
         }
     }

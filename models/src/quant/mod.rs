@@ -402,32 +402,15 @@ impl QuantMatrix {
                 }
             }
         };
-        // AVX-512 takes 16 rows at a time in its lanes, and a last few rows in padded lanes
-        // where that is cheaper than the per-row kernels for that many; the rest share weights
-        // 4 at a time.
+        // The lane kernels (16 rows on AVX-512, 8 on AVX2) take whole batches, and a last
+        // few rows in padded lanes where that is cheaper than the per-row kernels for that
+        // many; the rest share weights 4 at a time.
         #[cfg(target_arch = "x86_64")]
-        let lane_rows = if kernel == Kernel::Avx512Vnni {
-            let lanes = x86::avx512_lanes::LANES;
-            let rest = m % lanes;
-            let padded_from = if m > lanes {
-                PADDED_LANES_AFTER_A_BATCH
-            } else {
-                PADDED_LANES_FROM
-            };
-            if rest >= padded_from {
-                m
-            } else {
-                m - rest
-            }
-        } else {
-            0
-        };
+        let lane_acts = LaneActs::for_kernel(kernel, &self.groups, x, m, per_row);
+        #[cfg(target_arch = "x86_64")]
+        let lane_rows = lane_acts.rows;
         #[cfg(not(target_arch = "x86_64"))]
         let lane_rows = 0;
-        #[cfg(target_arch = "x86_64")]
-        let lane_acts = quantize_lanes(&x[..lane_rows * self.cols], lane_rows, per_row);
-        #[cfg(target_arch = "x86_64")]
-        let lane_acts: Vec<&[x86::avx512_lanes::LaneBlock]> = lane_acts.chunks(per_row).collect();
         // The rows outside the lanes, from index 0.
         let acts = quantize_rows(kernel, &x[lane_rows * self.cols..], m - lane_rows, per_row);
         let full = lane_rows + (m - lane_rows) / BATCH * BATCH;
@@ -441,26 +424,22 @@ impl QuantMatrix {
             let mut unpacked = UNPACKED.take();
             for g in groups {
                 #[cfg(target_arch = "x86_64")]
-                for (c, a) in lane_acts.iter().enumerate() {
-                    let offset = c * x86::avx512_lanes::LANES * n + g * GROUP;
-                    let out = x86::avx512_lanes::LanesOut {
-                        // SAFETY: in bounds: activation row c·16 < m, weight row g·8 < n.
-                        at: unsafe { (out_addr as *mut f32).add(offset) },
-                        residual: match residual_addr {
-                            0 => std::ptr::null(),
-                            // SAFETY: the residual has out's size (asserted).
-                            addr => unsafe { (addr as *const f32).add(offset) },
-                        },
-                        stride: n,
-                        rows: GROUP.min(n - g * GROUP),
-                        acts: x86::avx512_lanes::LANES.min(m - c * x86::avx512_lanes::LANES),
-                    };
-                    // The first batch unpacks the group's blocks as it goes, the rest reuse them.
-                    let source = (c == 0).then(|| self.group_blocks(g));
-                    // SAFETY: `Kernel::Avx512Vnni` means AVX-512 F and VNNI; `a` has a lane
-                    // block per block of a row; as for `write`, this chunk alone writes group
-                    // g's columns, and `out` spans the batch's values of them.
-                    unsafe { x86::avx512_lanes::dot_lanes(&mut unpacked, source, a, out) };
+                match &lane_acts.blocks {
+                    LaneBlocks::None => {}
+                    LaneBlocks::Avx512(a) => self.lane_batches(
+                        a,
+                        x86::avx512_lanes::dot_lanes,
+                        g,
+                        &mut unpacked,
+                        (out_addr, residual_addr, m),
+                    ),
+                    LaneBlocks::Avx2(a) => self.lane_batches(
+                        a,
+                        x86::avx2_lanes::dot_lanes,
+                        g,
+                        &mut unpacked,
+                        (out_addr, residual_addr, m),
+                    ),
                 }
                 for (c, a) in acts[..(full - lane_rows) * per_row]
                     .chunks_exact(BATCH * per_row)
@@ -489,10 +468,46 @@ impl QuantMatrix {
         });
     }
 
+    /// Row group `g` times every batch of activation rows in lanes (`acts`: each batch's
+    /// blocks back to back) with the lane kernel `dot`, written to `out` (the output's
+    /// address, the residual's or 0, and the activation rows m).
+    #[cfg(target_arch = "x86_64")]
+    fn lane_batches<const L: usize>(
+        &self,
+        acts: &[x86::lanes::LaneBlock<L>],
+        dot: LaneKernel<L>,
+        g: usize,
+        unpacked: &mut x86::lanes::UnpackedGroup,
+        (out_addr, residual_addr, m): (usize, usize, usize),
+    ) {
+        let n = self.rows;
+        for (c, a) in acts.chunks(self.cols / BLOCK).enumerate() {
+            let offset = c * L * n + g * GROUP;
+            let out = x86::lanes::LanesOut {
+                // SAFETY: in bounds: activation row c·L < m, weight row g·8 < n.
+                at: unsafe { (out_addr as *mut f32).add(offset) },
+                residual: match residual_addr {
+                    0 => std::ptr::null(),
+                    // SAFETY: the residual has out's size (asserted by the caller).
+                    addr => unsafe { (addr as *const f32).add(offset) },
+                },
+                stride: n,
+                rows: GROUP.min(n - g * GROUP),
+                acts: L.min(m - c * L),
+            };
+            // The first batch unpacks the group's blocks as it goes, the rest reuse them.
+            let source = (c == 0).then(|| self.group_blocks(g));
+            // SAFETY: `LaneActs::for_kernel` builds lanes of L rows only for a kernel whose
+            // CPU features `dot` needs; `a` has a lane block per block of a row; the caller's
+            // chunk alone writes group g's columns, and `out` spans the batch's values of them.
+            unsafe { dot(unpacked, source, a, out) };
+        }
+    }
+
     /// Row group `g`'s blocks as stored.
     #[cfg(target_arch = "x86_64")]
-    fn group_blocks(&self, g: usize) -> x86::avx512_lanes::GroupBlocks<'_> {
-        use x86::avx512_lanes::GroupBlocks;
+    fn group_blocks(&self, g: usize) -> x86::lanes::GroupBlocks<'_> {
+        use x86::lanes::GroupBlocks;
         let slots = self.slot_range(g..g + 1);
         match self.groups.as_ref() {
             Groups::Nibbles(w) => GroupBlocks::Nibbles(&w[slots]),
@@ -511,36 +526,113 @@ impl QuantMatrix {
 thread_local! {
     /// Each thread's unpacked row group, kept between matmuls: freeing it after every call
     /// cost ~1.5% of a 16-row decode profile.
-    static UNPACKED: std::cell::Cell<x86::avx512_lanes::UnpackedGroup> =
-        std::cell::Cell::new(x86::avx512_lanes::UnpackedGroup::default());
+    static UNPACKED: std::cell::Cell<x86::lanes::UnpackedGroup> =
+        std::cell::Cell::new(x86::lanes::UnpackedGroup::default());
 }
 
 /// Rows quantized on the calling thread; larger batches are split over the CPU workers.
 const SERIAL_QUANTIZE_ROWS: usize = 8;
 
-/// The `m` rows of `x` (`per_row` blocks each) quantized straight into AVX-512 lane blocks:
-/// chunk c's block b (c·per_row + b) holds block b of rows 16c..16c+16. Every (chunk, block)
-/// is a work item for the CPU workers.
+/// A lane kernel: a row group's weight rows times one batch of `L` activation rows in lanes.
 #[cfg(target_arch = "x86_64")]
-fn quantize_lanes(x: &[f32], m: usize, per_row: usize) -> Vec<x86::avx512_lanes::LaneBlock> {
-    use x86::avx512_lanes::{lane_block, LaneBlock, LANES};
-    let (chunks, cols) = (m.div_ceil(LANES), per_row * BLOCK);
-    let mut lanes: Vec<LaneBlock> = Vec::with_capacity(chunks * per_row);
+type LaneKernel<const L: usize> = unsafe fn(
+    &mut x86::lanes::UnpackedGroup,
+    Option<x86::lanes::GroupBlocks<'_>>,
+    &[x86::lanes::LaneBlock<L>],
+    x86::lanes::LanesOut,
+);
+
+/// A matmul's first `rows` activation rows in lanes, for the kernels that have a lane kernel:
+/// the whole batches (and a padded last one where that is cheaper).
+#[cfg(target_arch = "x86_64")]
+struct LaneActs {
+    rows: usize,
+    blocks: LaneBlocks,
+}
+
+#[cfg(target_arch = "x86_64")]
+enum LaneBlocks {
+    None,
+    Avx512(Vec<x86::lanes::LaneBlock<{ x86::avx512_lanes::LANES }>>),
+    Avx2(Vec<x86::lanes::LaneBlock<{ x86::avx2_lanes::LANES }>>),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LaneActs {
+    fn for_kernel(kernel: Kernel, groups: &Groups, x: &[f32], m: usize, per_row: usize) -> Self {
+        let cols = per_row * BLOCK;
+        let (rows, blocks) = match kernel {
+            Kernel::Avx512Vnni => {
+                let rows = AVX512_PADDING.lane_rows(m, x86::avx512_lanes::LANES);
+                let blocks = quantize_lanes(&x[..rows * cols], rows, per_row);
+                (rows, LaneBlocks::Avx512(blocks))
+            }
+            // Q8_0 stays on the row kernels (see `x86::avx2_lanes`).
+            Kernel::Avx2 if !matches!(groups, Groups::Bytes(_)) => {
+                let rows = AVX2_PADDING.lane_rows(m, x86::avx2_lanes::LANES);
+                let blocks = quantize_lanes(&x[..rows * cols], rows, per_row);
+                (rows, LaneBlocks::Avx2(blocks))
+            }
+            _ => (0, LaneBlocks::None),
+        };
+        LaneActs { rows, blocks }
+    }
+}
+
+/// From how many rows left over after whole lane batches a padded last batch costs less than
+/// the per-row kernels: with no whole batch before it, and after one (whose unpacked weight
+/// blocks the padded batch reuses).
+#[cfg(target_arch = "x86_64")]
+struct LanePadding {
+    alone: usize,
+    after_a_batch: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LanePadding {
+    /// How many of `m` rows go in lanes of `lanes` rows.
+    fn lane_rows(&self, m: usize, lanes: usize) -> usize {
+        let rest = m % lanes;
+        let padded_from = if m > lanes {
+            self.after_a_batch
+        } else {
+            self.alone
+        };
+        if rest >= padded_from {
+            m
+        } else {
+            m - rest
+        }
+    }
+}
+
+/// The `m` rows of `x` (`per_row` blocks each) quantized straight into lane blocks of `L`
+/// rows: chunk c's block b (c·per_row + b) holds block b of rows L·c..L·c + L. Every
+/// (chunk, block) is a work item for the CPU workers.
+#[cfg(target_arch = "x86_64")]
+fn quantize_lanes<const L: usize>(
+    x: &[f32],
+    m: usize,
+    per_row: usize,
+) -> Vec<x86::lanes::LaneBlock<L>> {
+    use x86::lanes::{lane_block, LaneBlock};
+    let (chunks, cols) = (m.div_ceil(L), per_row * BLOCK);
+    let mut lanes: Vec<LaneBlock<L>> = Vec::with_capacity(chunks * per_row);
     let lanes_addr = lanes.spare_capacity_mut().as_mut_ptr() as usize;
     crate::parallel::for_each_chunk(chunks * per_row, |items| {
-        let mut blocks = [ActBlock::default(); LANES];
+        let mut blocks = [ActBlock::default(); L];
         for item in items {
             let (c, b) = (item / per_row, item % per_row);
-            let rows = c * LANES..m.min((c + 1) * LANES);
+            let rows = c * L..m.min((c + 1) * L);
             for (row, block) in rows.clone().zip(&mut blocks) {
                 let values = &x[row * cols + b * BLOCK..][..BLOCK];
-                // SAFETY: lanes are only built for `Kernel::Avx512Vnni`, whose CPU has AVX2.
+                // SAFETY: lanes are only built for kernels whose CPU has AVX2.
                 unsafe { x86::quantize_row(values, std::slice::from_mut(block)) };
             }
             // SAFETY: `item` < chunks · per_row, the capacity, and each item is written by
             // exactly one worker.
             unsafe {
-                (lanes_addr as *mut LaneBlock)
+                (lanes_addr as *mut LaneBlock<L>)
                     .add(item)
                     .write(lane_block(blocks[..rows.len()].iter()))
             };
@@ -584,17 +676,24 @@ fn quantize_rows(kernel: Kernel, x: &[f32], m: usize, per_row: usize) -> Vec<Act
 /// way it ran).
 const BATCH: usize = 4;
 
-/// Rows left over after whole AVX-512 lane batches from which padding a last lane batch costs
-/// less than the per-row kernels (measured on 3072×576 and 576×1536 Q4_1: 9 rows cost about
-/// as much either way, 15 rows 1.7× more on the per-row kernels).
+/// AVX-512's padding rule (measured on 3072×576 and 576×1536 Q4_1: alone, 9 rows cost about
+/// as much either way and 15 rows 1.7× more on the per-row kernels; after a batch, 16 + 5 rows
+/// took 168 µs padded against 185 µs on the per-row kernels, 16 + 4 rows 167 against 146, and
+/// 576×1536 breaks even at 16 + 6).
 #[cfg(target_arch = "x86_64")]
-const PADDED_LANES_FROM: usize = 9;
+const AVX512_PADDING: LanePadding = LanePadding {
+    alone: 9,
+    after_a_batch: 6,
+};
 
-/// The same after a whole lane batch, whose unpacked weight blocks the padded batch reuses
-/// (3072×576 Q4_1 on two threads: 16 + 5 rows 168 µs padded against 185 µs on the per-row
-/// kernels, 16 + 4 rows 167 against 146; 576×1536 breaks even at 16 + 6).
+/// AVX2's padding rule: none. On 3072×576, 576×1536 Q4_1 and 1536×768 Q6_K (Zen 1), every
+/// padded count from 4 to 7 rows, alone or after a batch, took as long as the per-row kernels
+/// or longer (7 rows of 3072×576: 487 µs padded, 457 on the per-row kernels).
 #[cfg(target_arch = "x86_64")]
-const PADDED_LANES_AFTER_A_BATCH: usize = 6;
+const AVX2_PADDING: LanePadding = LanePadding {
+    alone: x86::avx2_lanes::LANES,
+    after_a_batch: x86::avx2_lanes::LANES,
+};
 
 /// `x` (.., in) → (.., out) through a [`QuantMatrix`], as a candle op on CPU f32 tensors.
 #[derive(Debug, Clone)]
