@@ -25,9 +25,9 @@ fn prefetch_next_group<T>(w: &[T], b: usize, blocks: usize) {
 }
 
 /// Generates the kernels of one instruction set. `dot_acc` adds the products of unsigned bytes
-/// (`x`) and signed bytes (`y`), four adjacent ones per i32 lane, to `acc`; `nibble_dot` adds
-/// those of two such pairs of 4-bit weights and activations (`x0`·`y0` + `x1`·`y1`). Q8_0 weights are
-/// signed, so `byte_operand` makes the unsigned operand of a weight vector `w`, `byte_dot`
+/// (`x`) and signed bytes (`y`), four adjacent ones per i32 lane, to `acc`; `nibble_sums` gives
+/// the block sums of a Q4 group's 8 rows (`lo`/`hi`: its unpacked pair vectors) against
+/// activations `alo`/`ahi`, row r's in lane r. Q8_0 weights are signed, so `byte_operand` makes the unsigned operand of a weight vector `w`, `byte_dot`
 /// multiplies it (`wu`, with the signed weights `ws`) into activations `a`, and `byte_fix`
 /// corrects a lane sum `s` of activation block `ab` for the operand's transformation.
 macro_rules! kernels {
@@ -35,7 +35,7 @@ macro_rules! kernels {
         $module:ident,
         $features:literal,
         dot_acc: |$acc:ident, $x:ident, $y:ident| $dot:expr,
-        nibble_dot: |$nacc:ident, $x0:ident, $y0:ident, $x1:ident, $y1:ident| $ndot:expr,
+        nibble_sums: |$lo:ident, $hi:ident, $alo:ident, $ahi:ident| $nsums:expr,
         byte_operand: |$w:ident| $operand:expr,
         byte_dot: |$bacc:ident, $wu:ident, $ws:ident, $a:ident| $bdot:expr,
         byte_fix: |$s:ident, $ab:ident| $fix:expr $(,)?
@@ -51,14 +51,13 @@ macro_rules! kernels {
 
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn nibble_dot(
-                $nacc: __m256i,
-                $x0: __m256i,
-                $y0: __m256i,
-                $x1: __m256i,
-                $y1: __m256i,
+            unsafe fn nibble_sums(
+                $lo: &[__m256i; 4],
+                $hi: &[__m256i; 4],
+                $alo: __m256i,
+                $ahi: __m256i,
             ) -> __m256i {
-                $ndot
+                $nsums
             }
 
             #[target_feature(enable = $features)]
@@ -138,11 +137,7 @@ macro_rules! kernels {
                     for r in 0..R {
                         let ab = a.get_unchecked(r * n + b);
                         let (alo, ahi) = (load(&ab.lo), load(&ab.hi));
-                        let mut s = [_mm256_setzero_si256(); 4];
-                        for p in 0..4 {
-                            s[p] = nibble_dot(s[p], lo[p], alo, hi[p], ahi);
-                        }
-                        scale_into(row_sums(s), d, ab, &mut acc[r]);
+                        scale_into(nibble_sums(&lo, &hi, alo, ahi), d, ab, &mut acc[r]);
                         acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.sum), acc[r]);
                     }
                 }
@@ -239,9 +234,12 @@ macro_rules! kernels {
 }
 
 // AVX2 has no unsigned×signed byte dot product into i32: maddubs (pairs into saturating i16,
-// exact here: |15·127·2| and |128·127·2| fit) then madd with ones. Two 4-bit pairs' sums are
-// added in i16 before the one madd (|2·2·15·128| fits), which saves a multiply where vector
-// integer multiplies have one pipe (Zen 1). Q8_0 takes the sign trick: |w| · (a with w's sign).
+// exact here: |15·127·2| and |128·127·2| fit) then madd with ones. A Q4 block's 16-bit pair
+// sums are added up in 16 bits as far as they fit (two products' pairs, then horizontal sums of
+// two and of four: |4·2·2·15·128| < 2¹⁵), which leaves each row's two halves in adjacent 16-bit
+// lanes of lane r, and one madd finishes the sums: 9 multiplies a block instead of 16, where
+// vector integer multiplies have one pipe (Zen 1). Q8_0 takes the sign trick: |w| · (a with
+// w's sign).
 kernels!(
     avx2,
     "avx2,fma,f16c",
@@ -249,13 +247,16 @@ kernels!(
         acc,
         _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
     ),
-    nibble_dot: |acc, x0, y0, x1, y1| _mm256_add_epi32(
-        acc,
-        _mm256_madd_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(x0, y0), _mm256_maddubs_epi16(x1, y1)),
-            _mm256_set1_epi16(1)
-        )
-    ),
+    nibble_sums: |lo, hi, alo, ahi| {
+        let pairs: [__m256i; 4] = std::array::from_fn(|p| {
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], alo), _mm256_maddubs_epi16(hi[p], ahi))
+        });
+        let quads = _mm256_hadd_epi16(
+            _mm256_hadd_epi16(pairs[0], pairs[1]),
+            _mm256_hadd_epi16(pairs[2], pairs[3]),
+        );
+        _mm256_madd_epi16(quads, _mm256_set1_epi16(1))
+    },
     byte_operand: |w| _mm256_abs_epi8(w),
     byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, _mm256_sign_epi8(a, ws)),
     byte_fix: |s, ab| s,
@@ -266,7 +267,9 @@ kernels!(
     avx_vnni,
     "avx2,fma,f16c,avxvnni",
     dot_acc: |acc, x, y| _mm256_dpbusd_avx_epi32(acc, x, y),
-    nibble_dot: |acc, x0, y0, x1, y1| dot_acc(dot_acc(acc, x0, y0), x1, y1),
+    nibble_sums: |lo, hi, alo, ahi| row_sums(std::array::from_fn(|p| {
+        dot_acc(dot_acc(_mm256_setzero_si256(), lo[p], alo), hi[p], ahi)
+    })),
     byte_operand: |w| _mm256_xor_si256(w, _mm256_set1_epi8(-128)),
     byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, a),
     byte_fix: |s, ab| _mm256_sub_epi32(s, _mm256_set1_epi32(ab.offset)),
@@ -275,7 +278,9 @@ kernels!(
     avx512_vnni,
     "avx2,fma,f16c,avx512vnni,avx512vl",
     dot_acc: |acc, x, y| _mm256_dpbusd_epi32(acc, x, y),
-    nibble_dot: |acc, x0, y0, x1, y1| dot_acc(dot_acc(acc, x0, y0), x1, y1),
+    nibble_sums: |lo, hi, alo, ahi| row_sums(std::array::from_fn(|p| {
+        dot_acc(dot_acc(_mm256_setzero_si256(), lo[p], alo), hi[p], ahi)
+    })),
     byte_operand: |w| _mm256_xor_si256(w, _mm256_set1_epi8(-128)),
     byte_dot: |acc, wu, ws, a| dot_acc(acc, wu, a),
     byte_fix: |s, ab| _mm256_sub_epi32(s, _mm256_set1_epi32(ab.offset)),
