@@ -219,9 +219,9 @@ fn a_rows_result_is_the_same_alone_or_in_a_batch() {
         // On AVX-512, 21 rows: 16 in lanes, a batch of 4 sharing weights and a single row;
         // 19: 16 in lanes, a pair and a single row; 22 and 27: a last batch of 6 and of 11 in
         // padded lanes; 12: 12 in padded lanes alone; 7: a batch of 4, a pair and a single
-        // row; 2: a pair alone. On AVX2 (no lanes for Q8_0), 21: two lane batches of 8, a
-        // batch of 4 and a single row; 27: three lane batches and a pair and a single row;
-        // 12: one lane batch and a batch of 4.
+        // row; 2: a pair alone. On AVX2 (lanes for Q4_0 and Q4_1 only), 21: two lane batches
+        // of 8, a batch of 4 and a single row; 27: three lane batches, a pair and a single
+        // row; 12: one lane batch and a batch of 4.
         for m in [21, 19, 22, 27, 12, 7, 2] {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32()).collect();
             for kernel in Kernel::available() {

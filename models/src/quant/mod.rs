@@ -567,8 +567,8 @@ impl LaneActs {
                 let blocks = quantize_lanes(&x[..rows * cols], rows, per_row);
                 (rows, LaneBlocks::Avx512(blocks))
             }
-            // Q8_0 stays on the row kernels (see `x86::avx2_lanes`).
-            Kernel::Avx2 if !matches!(groups, Groups::Bytes(_)) => {
+            // Only 4-bit weights gain from AVX2 lanes (see `x86::avx2_lanes`).
+            Kernel::Avx2 if matches!(groups, Groups::Nibbles(_)) => {
                 let rows = AVX2_PADDING.lane_rows(m, x86::avx2_lanes::LANES);
                 let blocks = quantize_lanes(&x[..rows * cols], rows, per_row);
                 (rows, LaneBlocks::Avx2(blocks))

@@ -3,10 +3,10 @@
 //! byte product (maddubs) leaves 16-bit pair sums; for 4-bit weights the eight of a block fit
 //! in 16 bits (|8·2·15·128| < 2¹⁵), so a block takes one widening multiply per weight row
 //! instead of one per product, and no horizontal sums. On CPUs that run vector integer
-//! multiplies on one 128-bit pipe (Zen 1) that is what bounds a batched matmul. Q6_K's 6-bit
-//! codes keep two steps in 16 bits; Q8_0, whose pair sums fill 16 bits, stays on the row
-//! kernels (in lanes, with the sign trick, a 49152×576 matmul of 16 rows took 1.6× as long on
-//! Zen 1). Per (weight
+//! multiplies on one 128-bit pipe (Zen 1) that is what bounds a batched matmul. Only 4-bit
+//! weights come here: Q8_0's pair sums fill 16 bits (in lanes, with the sign trick, a 49152×576
+//! matmul of 16 rows took 1.6× as long on Zen 1), and Q6_K's 6-bit codes, two steps to 16 bits,
+//! measured no faster than the row kernels (1536×768 at 16 rows: 750 µs either way). Per (weight
 //! row, activation row) the block's exact integer sum then takes the portable kernel's f32
 //! steps, so results equal the one-row kernels'.
 
@@ -56,18 +56,10 @@ pub unsafe fn dot_lanes(
                     *acc = _mm256_fmadd_ps(_mm256_set1_ps(unpacked.m[r]), sum_a, *acc);
                 }
             }
-            UnpackedFormat::Split => {
-                let (first, second) = split_sums(unpacked, ab);
-                let fix_first = _mm256_load_si256(ab.first_half.as_ptr() as *const _);
-                let fix_second = _mm256_load_si256(ab.second_half.as_ptr() as *const _);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    add(acc, _mm256_sub_epi32(first[r], fix_first), unpacked.d[r]);
-                    add(acc, _mm256_sub_epi32(second[r], fix_second), unpacked.m[r]);
-                }
+            // See the module comment.
+            UnpackedFormat::Bytes | UnpackedFormat::Split => {
+                unreachable!("only 4-bit weights are given to the AVX2 lanes")
             }
-            // Q8_0's pair sums leave no room in 16 bits, so AVX2 lanes would widen every step
-            // with the sign trick's two extra operations: the row kernels take it instead.
-            UnpackedFormat::Bytes => unreachable!("Q8_0 is not given to the AVX2 lanes"),
         }
     }
     store_transposed(acc, out);
@@ -101,27 +93,6 @@ unsafe fn nibble_sums(u: &Unpacked, ab: &LaneBlock<LANES>) -> [__m256i; GROUP] {
     }
     let ones = _mm256_set1_epi16(1);
     pairs.map(|p| _mm256_madd_epi16(p, ones))
-}
-
-/// 6-bit codes (Q6_K): each weight row's sums over values 0..16 and over 16..32 apart, two
-/// steps' pair sums kept in 16 bits at a time (|2 · 2 · 63 · 128| < 2¹⁵).
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn split_sums(u: &Unpacked, ab: &LaneBlock<LANES>) -> ([__m256i; GROUP], [__m256i; GROUP]) {
-    let ones = _mm256_set1_epi16(1);
-    let mut halves = [[_mm256_setzero_si256(); GROUP]; 2];
-    for k in (0..8).step_by(2) {
-        let (a0, a1) = (act_word(ab, k), act_word(ab, k + 1));
-        for (r, sums) in halves[k / 4].iter_mut().enumerate() {
-            let pairs = _mm256_add_epi16(
-                _mm256_maddubs_epi16(weight_word(u, r, k), a0),
-                _mm256_maddubs_epi16(weight_word(u, r, k + 1), a1),
-            );
-            *sums = _mm256_add_epi32(*sums, _mm256_madd_epi16(pairs, ones));
-        }
-    }
-    let [first, second] = halves;
-    (first, second)
 }
 
 /// Writes `acc[r]` lane j to `out.at + j·stride + r`: in registers when the group has all its
