@@ -686,9 +686,9 @@ const AVX512_PADDING: LanePadding = LanePadding {
     after_a_batch: 6,
 };
 
-/// AVX2's padding rule: none. On 3072×576, 576×1536 Q4_1 and 1536×768 Q6_K (Zen 1), every
-/// padded count from 4 to 7 rows, alone or after a batch, took as long as the per-row kernels
-/// or longer (7 rows of 3072×576: 487 µs padded, 457 on the per-row kernels).
+/// AVX2's padding rule: none. On 3072×576 and 576×1536 Q4_1 (Zen 1), every padded count from
+/// 4 to 7 rows, alone or after a batch, took as long as the per-row kernels or longer (7 rows
+/// of 3072×576: 487 µs padded, 457 on the per-row kernels, before their 16-bit sums).
 #[cfg(target_arch = "x86_64")]
 const AVX2_PADDING: LanePadding = LanePadding {
     alone: x86::avx2_lanes::LANES,
