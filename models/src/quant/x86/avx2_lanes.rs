@@ -34,32 +34,27 @@ pub unsafe fn dot_lanes(
     if let Some(source) = source {
         group.start(source, a.len());
     }
-    let format = group.format;
+    // See the module comment: a format check per call, not per block.
+    assert!(
+        group.format == UnpackedFormat::Nibbles,
+        "only 4-bit weights are given to the AVX2 lanes"
+    );
     let mut acc = [_mm256_setzero_ps(); GROUP];
     for (b, ab) in a.iter().enumerate() {
         let unpacked = match source {
             Some(source) => group.unpack(source, b),
             None => group.blocks.get_unchecked(b),
         };
-        let d_a = _mm256_load_ps(ab.d.as_ptr());
-        // Each step in the portable kernel's order: ints·(d_w·d_a), then m_w·Σa where the
-        // format has an m.
-        let add = |acc: &mut __m256, ints: __m256i, d_w: f32| {
-            let scale = _mm256_mul_ps(_mm256_set1_ps(d_w), d_a);
-            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), scale, *acc);
-        };
-        match format {
-            UnpackedFormat::Nibbles => {
-                let sum_a = _mm256_load_ps(ab.sum.as_ptr());
-                for ((r, acc), ints) in acc.iter_mut().enumerate().zip(nibble_sums(unpacked, ab)) {
-                    add(acc, ints, unpacked.d[r]);
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(unpacked.m[r]), sum_a, *acc);
-                }
-            }
-            // See the module comment.
-            UnpackedFormat::Bytes | UnpackedFormat::Split => {
-                unreachable!("only 4-bit weights are given to the AVX2 lanes")
-            }
+        let sums = nibble_sums(unpacked, ab);
+        let (d_a, sum_a) = (
+            _mm256_load_ps(ab.d.as_ptr()),
+            _mm256_load_ps(ab.sum.as_ptr()),
+        );
+        // The portable kernel's steps in its order: ints·(d_w·d_a), then m_w·Σa.
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let scale = _mm256_mul_ps(_mm256_set1_ps(unpacked.d[r]), d_a);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, *acc);
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(unpacked.m[r]), sum_a, *acc);
         }
     }
     store_transposed(acc, out);
