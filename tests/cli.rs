@@ -121,3 +121,37 @@ fn fetch_without_pip_fails_cleanly_and_leaves_the_cache_empty() {
     let left: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
     assert!(left.is_empty(), "cache not empty: {left:?}");
 }
+
+#[test]
+fn kernel_bench_times_every_product_of_a_decode_step() {
+    let gguf = default_model();
+    let out = attune_ok(&[
+        "bench",
+        "--kernels",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--rows",
+        "1,2",
+        "--runs",
+        "1",
+    ]);
+    let text = stdout(&out);
+    // The decoder's products as it runs them (q/k/v and gate/up fused), with how many of
+    // each a step has: 30 layers and the tied lm_head.
+    for product in [
+        "| attention q/k/v | Q4_1 | 960×576 | 30 | 2 |",
+        "| attention output | Q4_1 | 576×576 | 30 | 2 |",
+        "| mlp gate/up | Q4_1 | 3072×576 | 30 | 2 |",
+        "| mlp down | Q4_1 | 576×1536 | 30 | 2 |",
+        "| lm_head | Q8_0 | 49152×576 | 1 | 2 |",
+    ] {
+        assert!(text.contains(product), "no `{product}` in:\n{text}");
+    }
+    let step: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("One decode step"))
+        .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |"))
+        .collect();
+    assert_eq!(step.len(), 2, "{text}");
+    assert!(step[0].ends_with("| 1.00x |"), "{}", step[0]);
+}

@@ -189,11 +189,11 @@ pub fn run(
     // Ratios are given against each peer that ran.
     let mut peers = Vec::new();
     if candle_peer.is_some() {
-        peers.push(("quantized_llama", median(&candle_speeds)));
+        peers.push(("quantized_llama", median_speed(&candle_speeds)));
         rows.push(("candle quantized_llama (peer)".into(), candle_speeds));
     }
     if llama_cpp.is_some() {
-        peers.push(("llama.cpp", median(&llama_cpp_speeds)));
+        peers.push(("llama.cpp", median_speed(&llama_cpp_speeds)));
         rows.push((
             "llama.cpp via llama-cpp-python (peer)".into(),
             llama_cpp_speeds,
@@ -228,7 +228,7 @@ pub fn run(
     }
     println!("{header}\n{rule}");
     for (name, speeds) in &rows {
-        let m = median(speeds);
+        let m = median_speed(speeds);
         let mut line = format!(
             "| {name} | {:.1} | {:.1} | {:.2}x |",
             m.prefill,
@@ -371,14 +371,17 @@ fn run_peer(peer: &mut ModelWeights, prompt: &[u32], decode_tokens: usize) -> Re
     })
 }
 
-fn median(speeds: &[Speed]) -> Speed {
-    let pick = |f: fn(&Speed) -> f64| {
-        let mut v: Vec<f64> = speeds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+fn median_speed(speeds: &[Speed]) -> Speed {
+    let pick = |f: fn(&Speed) -> f64| median(&speeds.iter().map(f).collect::<Vec<_>>());
     Speed {
         prefill: pick(|s| s.prefill),
         decode: pick(|s| s.decode),
     }
+}
+
+/// The middle value (the upper one of an even count).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

@@ -5,6 +5,7 @@
 //! levels run in rounds (1, 4, 16, 1, 4, 16, ...) and each figure is the median over rounds, so
 //! a slow or fast spell of the machine does not land on one level only.
 
+use crate::bench::median;
 use crate::local_server;
 use anyhow::Result;
 use attune_config::AttuneConfig;
@@ -126,12 +127,6 @@ fn one_level(base: &str, streams: usize, round: usize, load: &LoadConfig) -> Res
             .collect::<Result<Vec<_>>>()
             .map(|v| v.into_iter().flatten().collect())
     })
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The process's high-water resident set (Linux `VmHWM`).

@@ -3,6 +3,7 @@
 //! token (image encoding, every extra pass and the prefill), decode tokens/s, and what extra
 //! work each method does.
 
+use crate::bench::median;
 use crate::local_server;
 use anyhow::{Context, Result};
 use attune_config::AttuneConfig;
@@ -64,7 +65,7 @@ pub fn run(model: &Model, config: AttuneConfig, bench: &VlmBenchConfig) -> Resul
     let image = test_image();
     let png = png_bytes(&image)?;
     let encode_ms = median(
-        (0..bench.runs.max(3))
+        &(0..bench.runs.max(3))
             .map(|_| {
                 let start = Instant::now();
                 let pixels = vision.encoder.pixel_values(&image)?;
@@ -104,8 +105,13 @@ pub fn run(model: &Model, config: AttuneConfig, bench: &VlmBenchConfig) -> Resul
             .map(|_| one_request(&base, &model_id, &url, &interventions, bench.max_tokens))
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("method {name}"))?;
-        let first = median(samples.iter().map(|s| s.first_token_s * 1e3).collect());
-        let decode = median(samples.iter().map(|s| s.decode_tok_s).collect());
+        let first = median(
+            &samples
+                .iter()
+                .map(|s| s.first_token_s * 1e3)
+                .collect::<Vec<_>>(),
+        );
+        let decode = median(&samples.iter().map(|s| s.decode_tok_s).collect::<Vec<_>>());
         let (base_first, base_decode) = *baseline.get_or_insert((first, decode));
         let prompt_tokens = samples[0].prompt_tokens;
         println!(
@@ -182,9 +188,4 @@ fn one_request(
         decode_tok_s: (tokens.saturating_sub(1)) as f64 / (last - first).max(1e-9),
         prompt_tokens,
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }

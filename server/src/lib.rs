@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_passkey;
 pub mod bench_serve;
 pub mod bench_vlm;

@@ -1,7 +1,7 @@
 //! The `attune` command.
 
 use anyhow::{Context, Result};
-use attune_models::{default_device, MissingDefault, Model};
+use attune_models::{default_device, MissingDefault, Model, ModelSource};
 use attune_server::bench::{self, BenchConfig};
 use attune_server::generate::generate;
 use attune_server::sampling::SamplingParams;
@@ -201,6 +201,13 @@ struct BenchArgs {
     /// a server started in this process.
     #[arg(long, conflicts_with_all = ["serve", "passkey"])]
     vlm: bool,
+    /// The quantized matmuls of one decode step on our kernels and candle's, at 1 and more
+    /// activation rows, instead (needs a GGUF model).
+    #[arg(long, conflicts_with_all = ["serve", "passkey", "vlm"])]
+    kernels: bool,
+    /// With --kernels: activation rows per product (sequences in a batched decode step).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    rows: Vec<usize>,
     /// With --passkey: prompt lengths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "4096,8192")]
     contexts: Vec<usize>,
@@ -313,6 +320,24 @@ fn run(cli: Cli) -> Result<()> {
                 max_tokens: args.max_tokens,
             },
         )?,
+        Command::Bench(args) if args.kernels => {
+            let source = attune_models::source::resolve(
+                config.models[0].source(),
+                &cache_dir,
+                MissingDefault::Fetch,
+            )?;
+            let ModelSource::Gguf(path) = source else {
+                anyhow::bail!("--kernels needs a GGUF model (our kernels serve quantized weights)");
+            };
+            attune_server::bench_kernels::run(
+                &path,
+                &attune_server::bench_kernels::KernelBenchConfig {
+                    rows: args.rows,
+                    runs: args.runs.max(1),
+                },
+                threads,
+            )?
+        }
         Command::Bench(args) if args.passkey => attune_server::bench_passkey::run(
             &load_first_model()?,
             &attune_server::bench_passkey::PasskeyConfig {
